@@ -1,0 +1,1562 @@
+"""Shared code for the pediatric wrist radiograph pipeline.
+
+Every numbered stage imports this one module; copy it next to any stage you reuse elsewhere.
+Sections, in order:
+
+1. Command line, errors and small file helpers (atomic writes, run config)
+2. Data readers: GRAZPEDWRI-DX `dataset.csv`, RSNA bone-age CSVs, image index, splits
+3. Age groups (the one definition every stage uses)
+4. Images: one loader for PNG/JPEG (8/16-bit) and DICOM, letterbox, preprocess-once cache
+5. Models and losses: timm factory, focal loss, GeM, bone-age model
+6. Distributed: setup/teardown, DDP-aware balanced sampler, gathering predictions
+7. Training loop shared by 03, 04 and 05 (resumable, early stopping, bf16 on CUDA)
+8. Metrics and plots: AUC, sensitivity/specificity, patient-level bootstrap CIs, MAE, figures
+
+Nothing here does work at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+# torch, timm, cv2, pydicom and matplotlib are imported inside the functions that need them, so
+# `--help` and the split stages start in a fraction of a second.
+
+ROOT = Path(__file__).resolve().parent
+DEMO_WRIST_ROOT = ROOT / "data" / "demo" / "grazpedwri"
+DEMO_BONEAGE_ROOT = ROOT / "data" / "demo" / "rsna_boneage"
+DEFAULT_OUT = ROOT / "outputs"
+
+PROJECTIONS = {"AP": 1, "Lat": 2}  # GRAZPEDWRI-DX codes; 3 = oblique, never modelled
+DEFAULT_AGE_EDGES = (5.0, 10.0, 15.0)
+BONEAGE_MAX_MONTHS = 240.0
+
+# Input size per preset. 03 and 04 share the wrist size so they share one image cache.
+IMAGE_SIZE = {"demo": 96, "full": 384}
+BONEAGE_IMAGE_SIZE = {"demo": 96, "full": 512}
+
+# Grey-level normalisation: the mean/std of ImageNet's luminance, because the full preset starts
+# from ImageNet weights whose first convolution timm folds to one channel.
+PIXEL_MEAN, PIXEL_STD = 0.449, 0.226
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Command line, errors and small file helpers
+# ------------------------------------------------------------------------------------------------
+
+class InputError(SystemExit):
+    """A problem with the user's input. Raised as SystemExit so the user sees one line, no traceback.
+
+    The message names the file, the problem and the fix. Tests catch it like any exception.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every stage and run_all.py share, with the same names and defaults."""
+    parser.add_argument("--data", type=Path, default=None,
+                        help="GRAZPEDWRI-DX-layout folder holding dataset.csv and the images "
+                             f"(default: the demo, {DEMO_WRIST_ROOT.relative_to(ROOT)})")
+    parser.add_argument("--boneage-data", type=Path, default=None,
+                        help="RSNA bone-age folder or CSV (default: the demo, "
+                             f"{DEMO_BONEAGE_ROOT.relative_to(ROOT)})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder shared by all stages (default: outputs/)")
+    parser.add_argument("--preset", choices=["demo", "full"], default=None,
+                        help="demo: tiny models and images for a CPU; full: the original "
+                             "architectures and sizes (default: demo on the demo data, else full)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to train (default: auto = CUDA if visible)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    return parser
+
+
+def resolve_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the data and preset defaults: the demo preset goes with the demo data."""
+    on_demo = args.data is None and args.boneage_data is None
+    args.data = Path(args.data) if args.data is not None else DEMO_WRIST_ROOT
+    args.boneage_data = Path(args.boneage_data) if args.boneage_data is not None else DEMO_BONEAGE_ROOT
+    args.out = Path(args.out)
+    if args.preset is None:
+        args.preset = "demo" if on_demo else "full"
+    return args
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help is the stage's docstring, plus the common flags."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_common_args(parser)
+
+
+def log(*parts, **kwargs) -> None:
+    """Print on rank 0 only, flushed, so torchrun logs stay readable."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*parts, **kwargs, flush=True)
+
+
+def progress(iterable: Iterable, **kwargs):
+    """A tqdm bar on rank 0; silent elsewhere."""
+    from tqdm import tqdm
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    return tqdm(iterable, disable=quiet, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                dynamic_ncols=True, **kwargs)
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` (and parents) and prove it is writable, or fail with one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"{path}: cannot write there ({error.strerror}); pass --out with a "
+                         "folder you can write to") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary name beside `path`; on success it replaces `path` in one step.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old one intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_json(obj, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def config_dict(args: argparse.Namespace) -> dict:
+    """The resolved CLI as JSON primitives (a Path in a checkpoint breaks weights_only loading)."""
+    return json.loads(json.dumps(vars(args), default=_json_default))
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__}
+    for name in ("torch", "timm", "sklearn", "pydicom", "cv2"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+def write_run_config(folder: Path, args: argparse.Namespace, **extra) -> Path:
+    """Record how a stage was run beside its outputs: command line, resolved flags, versions."""
+    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "config": config_dict(args), "versions": library_versions(), **extra}
+    return write_json(record, Path(folder) / "config.json")
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Data readers
+# ------------------------------------------------------------------------------------------------
+
+GRAZ_COLUMNS = ["filestem", "patient_id", "study_number", "timehash", "gender", "age",
+                "laterality", "projection", "initial_exam", "ao_classification", "cast",
+                "diagnosis_uncertain", "osteopenia", "fracture_visible", "metal", "pixel_spacing",
+                "device_manufacturer"]
+GRAZ_REQUIRED = ["filestem", "patient_id", "study_number", "gender", "age", "projection",
+                 "fracture_visible", "metal", "cast", "ao_classification"]
+GRAZ_FLAGS = ["initial_exam", "cast", "diagnosis_uncertain", "osteopenia", "fracture_visible", "metal"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+
+
+def index_images(root: Path) -> dict[str, Path]:
+    """Map filestem -> image path for every image anywhere under `root`, in ONE walk of the tree.
+
+    Handles images_part1..4/, a merged images/ folder, or any hospital layout. One walk instead of
+    one glob per row: 20k globs over a network share take minutes.
+    """
+    found: dict[str, Path] = {}
+    for folder, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                # A PNG wins over a DICOM of the same stem only by sort order; keep the first seen.
+                found.setdefault(stem, Path(folder) / name)
+    return found
+
+
+def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"),
+                        exclude_metal: bool = True, exclude_cast: bool = False,
+                        ao_pattern: str | None = None, age_range: tuple[float, float] | None = None,
+                        image_index: dict[str, Path] | None = None,
+                        ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Read GRAZPEDWRI-DX `dataset.csv` unchanged and apply the study's filters.
+
+    Returns the kept rows (all 17 original columns plus image_path, label, projection_name) and the
+    number of rows excluded for each reason, in the order the filters ran. Counts add up:
+    kept + sum(excluded) == rows in the file.
+
+    The AO filter keeps rows with no AO code (normal wrists stay as negatives) and rows where any
+    code, after splitting on ';' or ',', matches the regular expression.
+    """
+    root = Path(root)
+    csv_path = root / "dataset.csv"
+    if not root.is_dir():
+        raise InputError(f"{root}: data folder not found; pass --data with the GRAZPEDWRI-DX "
+                         "folder (dataset.csv + images_part1..4/), or omit --data for the demo")
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: dataset.csv not found; --data must be the folder that "
+                         "holds GRAZPEDWRI-DX's dataset.csv")
+    try:
+        # utf-8-sig strips the byte-order mark the published file starts with.
+        frame = pd.read_csv(csv_path, encoding="utf-8-sig", dtype={"filestem": str,
+                            "ao_classification": str, "gender": str, "laterality": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{csv_path}: not a readable CSV ({error}); export it again as "
+                         "comma-separated UTF-8") from None
+    missing = [c for c in GRAZ_REQUIRED if c not in frame.columns]
+    if missing:
+        raise InputError(f"{csv_path}: missing required column(s) {', '.join(missing)}; the file "
+                         f"needs GRAZPEDWRI-DX's columns: {', '.join(GRAZ_COLUMNS)}")
+    for flag in GRAZ_FLAGS:
+        if flag in frame.columns:
+            frame[flag] = pd.to_numeric(frame[flag], errors="coerce").fillna(0).astype(int)
+    frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
+    frame["projection"] = pd.to_numeric(frame["projection"], errors="coerce")
+    frame["ao_classification"] = frame["ao_classification"].fillna("")
+    total = len(frame)
+
+    wanted_codes = [PROJECTIONS[name] for name in projections]
+    filters: list[tuple[str, pd.Series]] = [
+        ("age missing", frame["age"].isna()),
+        ("oblique projection", frame["projection"] == 3),
+        ("projection not selected", ~frame["projection"].isin(wanted_codes) & (frame["projection"] != 3)),
+    ]
+    if exclude_metal:
+        filters.append(("metal implant", frame["metal"] == 1))
+    if exclude_cast:
+        filters.append(("cast", frame["cast"] == 1))
+    if ao_pattern:
+        filters.append(("AO code not matching", ~frame["ao_classification"].map(
+            lambda codes: _ao_matches(codes, ao_pattern))))
+    if age_range is not None:
+        low, high = age_range
+        filters.append(("age outside range", ~frame["age"].between(low, high, inclusive="left")))
+
+    excluded: dict[str, int] = {}
+    keep = pd.Series(True, index=frame.index)
+    for reason, mask in filters:
+        hit = keep & mask.fillna(False).astype(bool)
+        excluded[reason] = int(hit.sum())
+        keep &= ~hit
+
+    index = image_index if image_index is not None else index_images(root)
+    if not index:
+        raise InputError(f"{root}: no images (.png/.jpg/.dcm) found anywhere under the data "
+                         "folder; unpack images_part1..4 (or images/) inside it")
+    paths = frame["filestem"].map(index)
+    hit = keep & paths.isna()
+    excluded["image not found"] = int(hit.sum())
+    keep &= ~hit
+
+    kept = frame[keep].copy()
+    kept["image_path"] = paths[keep].map(str)
+    kept["label"] = (kept["fracture_visible"] == 1).astype(int)
+    kept["projection_name"] = kept["projection"].map({v: k for k, v in PROJECTIONS.items()})
+    kept["patient_id"] = kept["patient_id"].astype(int)
+    assert len(kept) + sum(excluded.values()) == total
+    if len(kept) == 0:
+        raise InputError(f"{csv_path}: no rows left after filtering ({format_exclusions(excluded, total)}); "
+                         "check the images are under --data and the filter flags")
+    return kept.reset_index(drop=True), excluded
+
+
+def _ao_matches(codes: str, pattern: str) -> bool:
+    parts = [c.strip() for c in re.split(r"[;,]", codes) if c.strip()]
+    return not parts or any(re.search(pattern, code) for code in parts)
+
+
+def format_exclusions(excluded: dict[str, int], total: int) -> str:
+    """One line: 'of 20327 rows: 93 oblique projection, 708 metal implant, ...'."""
+    parts = [f"{n} {reason}" for reason, n in excluded.items() if n]
+    return f"of {total} rows excluded: " + (", ".join(parts) if parts else "none")
+
+
+# RSNA bone age: three published CSV variants, mapped to id / boneage / male.
+BONEAGE_COLUMN_NAMES = {
+    "id": "id", "image id": "id", "case id": "id",
+    "boneage": "boneage", "bone age (months)": "boneage", "ground truth bone age (months)": "boneage",
+    "male": "male", "sex": "sex",
+}
+BONEAGE_CSV_NAMES = ["boneage-training-dataset.csv", "boneage-validation-dataset.csv",
+                     "boneage-test-dataset.csv"]
+
+
+def find_boneage_csv(path: Path) -> Path:
+    """`path` is a CSV, or a folder holding the training CSV (or exactly one CSV)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"{path}: bone-age data not found; pass --boneage-data with the RSNA "
+                         "folder or one of its CSVs, or omit it for the demo")
+    for name in BONEAGE_CSV_NAMES:
+        if (path / name).is_file():
+            return path / name
+    csvs = sorted(path.glob("*.csv"))
+    if len(csvs) == 1:
+        return csvs[0]
+    raise InputError(f"{path}: no boneage-training-dataset.csv here ({len(csvs)} other CSVs); "
+                     "pass the CSV itself with --boneage-data")
+
+
+def read_boneage_metadata(path: Path, image_index: dict[str, Path] | None = None,
+                          ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Read any of the three RSNA bone-age CSV variants; find images by id under the CSV's folder.
+
+    Returns columns id (str), boneage (months, float), male (bool), sex ('M'/'F'), image_path,
+    and the rows excluded by reason.
+    """
+    csv_path = find_boneage_csv(path)
+    try:
+        frame = pd.read_csv(csv_path, encoding="utf-8-sig", dtype=str)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{csv_path}: not a readable CSV ({error})") from None
+    frame = frame.rename(columns={c: BONEAGE_COLUMN_NAMES.get(c.strip().lower(), c) for c in frame.columns})
+    if "sex" in frame.columns and "male" not in frame.columns:
+        frame["male"] = frame["sex"].str.strip().str.upper().map({"M": "true", "F": "false"})
+    missing = [c for c in ("id", "boneage", "male") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected one of the "
+                         "RSNA layouts: id,boneage,male | Image ID,male,Bone Age (months) | "
+                         "Case ID,Sex,Ground truth bone age (months)")
+    total = len(frame)
+    frame["id"] = frame["id"].str.strip()
+    frame["boneage"] = pd.to_numeric(frame["boneage"], errors="coerce")
+    frame["male"] = frame["male"].astype(str).str.strip().str.lower().map(
+        {"true": True, "false": False, "1": True, "0": False, "m": True, "f": False})
+    excluded = {"bone age missing": 0, "sex missing": 0, "image not found": 0}
+    keep = pd.Series(True, index=frame.index)
+    for reason, mask in (("bone age missing", frame["boneage"].isna()),
+                         ("sex missing", frame["male"].isna())):
+        excluded[reason] = int((keep & mask).sum())
+        keep &= ~mask
+    index = image_index if image_index is not None else index_images(csv_path.parent)
+    paths = frame["id"].map(index)
+    excluded["image not found"] = int((keep & paths.isna()).sum())
+    keep &= paths.notna()
+    kept = frame[keep].copy()
+    if kept.empty:
+        raise InputError(f"{csv_path}: no usable rows ({format_exclusions(excluded, total)}); the "
+                         "images must lie under the CSV's folder as <id>.png")
+    kept["male"] = kept["male"].astype(bool)
+    kept["sex"] = np.where(kept["male"], "M", "F")
+    kept["image_path"] = paths[keep].map(str)
+    columns = ["id", "boneage", "male", "sex", "image_path"]
+    return kept[columns].reset_index(drop=True), excluded
+
+
+def split_path(out: Path, dataset: str, split: str) -> Path:
+    return Path(out) / "splits" / f"{dataset}_{split}.csv"
+
+
+def read_split(out: Path, dataset: str, split: str) -> pd.DataFrame:
+    """Read a split CSV written by 01/02, or say which stage to run first."""
+    path = split_path(out, dataset, split)
+    if not path.is_file():
+        stage = "01_split_test.py" if split == "test" else "02_split_trainval.py"
+        raise InputError(f"{path}: split not found; run {stage} (or run_all.py) with the same --out first")
+    frame = pd.read_csv(path, dtype={"filestem": str, "id": str, "ao_classification": str})
+    return frame
+
+
+def patient_overlap(splits: dict[str, pd.DataFrame], key: str = "patient_id") -> dict[str, int]:
+    """Number of patients shared by each pair of splits, e.g. {'test/train': 0, ...}.
+
+    All zeros is the leak check: an image of a test patient in training would let the model
+    recognise the patient instead of the fracture, and inflate every test metric.
+    """
+    names = list(splits)
+    return {f"{a}/{b}": len(set(splits[a][key]) & set(splits[b][key]))
+            for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def assert_no_patient_leak(splits: dict[str, pd.DataFrame], key: str = "patient_id") -> None:
+    shared = {pair: n for pair, n in patient_overlap(splits, key).items() if n}
+    if shared:
+        raise InputError(f"patients shared between splits {shared}; the split CSVs under "
+                         "outputs/splits/ were edited or mixed from two runs: rerun 01 and 02")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Age groups
+# ------------------------------------------------------------------------------------------------
+
+def parse_age_edges(text: str | Sequence[float]) -> tuple[float, ...]:
+    """'5,10,15' -> (5.0, 10.0, 15.0); strictly increasing and positive."""
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
+        raise InputError(f"--age-edges {text!r}: give strictly increasing positive years, e.g. 5,10,15")
+    return tuple(values)
+
+
+def age_group_of(age, edges: Sequence[float]) -> np.ndarray:
+    """Half-open bins [e_i, e_{i+1}): a child who turned 5.0 today is in group 1, never in two.
+
+    Edges (5, 10, 15) give groups 0..3 = [0,5), [5,10), [10,15), [15, inf), the original wrist
+    pipeline's; (8, 15) gives the original Swin pipeline's three groups.
+    """
+    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(age, dtype=float), side="right")
+
+
+def age_group_names(edges: Sequence[float]) -> list[str]:
+    bounds = [0.0, *edges, math.inf]
+    return [f"[{_fmt_years(a)},{_fmt_years(b)})" for a, b in zip(bounds, bounds[1:])]
+
+
+def _fmt_years(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:g}"
+
+
+def age_groups_path(out: Path) -> Path:
+    return Path(out) / "splits" / "age_groups.json"
+
+
+def read_age_edges(out: Path) -> tuple[float, ...]:
+    """The edges 01_split_test.py chose; every later stage uses these, never its own."""
+    path = age_groups_path(out)
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run 01_split_test.py with the same --out first")
+    return tuple(read_json(path)["edges"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Images: loading, letterbox, preprocess-once cache
+# ------------------------------------------------------------------------------------------------
+
+class ImageReadError(Exception):
+    """An image that cannot be decoded; callers count and report it as a skipped row."""
+
+
+def is_dicom(path: Path) -> bool:
+    path = Path(path)
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_raw_image(path: Path) -> np.ndarray:
+    """Decode one image to a 2-D float32 array in display orientation (bone bright).
+
+    PNG/JPEG keep their bit depth (8 or 16 bit; never Pillow's convert('L'), which clips 16-bit
+    radiographs to near-white). DICOM gets its modality LUT (rescale slope/intercept), its VOI LUT
+    or window when present, and MONOCHROME1 is inverted so bone is bright as in MONOCHROME2.
+    """
+    path = Path(path)
+    if is_dicom(path):
+        return _read_dicom_pixels(path)
+    import cv2
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageReadError(f"{path}: cannot decode the image (corrupt or not PNG/JPEG/DICOM)")
+    if image.ndim == 3:
+        channels = image.shape[2]
+        image = image[..., 0] if channels == 1 else cv2.cvtColor(
+            image, cv2.COLOR_BGRA2GRAY if channels == 4 else cv2.COLOR_BGR2GRAY)
+    return image.astype(np.float32)
+
+
+def _read_dicom_pixels(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for corrupt or unsupported files
+        raise ImageReadError(f"{path}: cannot decode the DICOM pixels ({type(error).__name__}: "
+                             f"{error}); compressed transfer syntaxes need pylibjpeg or "
+                             "python-gdcm installed") from None
+    if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    if pixels.ndim == 3:  # RGB secondary capture
+        pixels = pixels.mean(axis=-1)
+    pixels = apply_modality_lut(pixels, dataset).astype(np.float32)
+    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
+        pixels = apply_voi_lut(pixels, dataset, index=0).astype(np.float32)
+    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels
+    return pixels
+
+
+def read_dicom_tags(path: Path) -> dict:
+    """The few non-identifying tags a hospital run may use: view, age in years, sex.
+
+    Names, IDs and birth dates are never read into anything the pipeline writes.
+    """
+    import pydicom
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    view = str(getattr(dataset, "ViewPosition", "") or "").upper()
+    projection = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}.get(view)
+    age = _dicom_age_years(str(getattr(dataset, "PatientAge", "") or ""))
+    sex = str(getattr(dataset, "PatientSex", "") or "").upper()
+    return {"projection": projection, "age": age, "sex": sex if sex in ("M", "F") else None}
+
+
+def _dicom_age_years(text: str) -> float | None:
+    match = re.fullmatch(r"(\d{1,3})([DWMY])", text.strip().upper())
+    if not match:
+        return None
+    value, unit = int(match.group(1)), match.group(2)
+    return value / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[unit]
+
+
+def scale_to_unit(raw: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """Map raw values to [0, 1] between robust percentiles, whatever the bit depth.
+
+    Percentiles rather than min/max: one hot pixel or a burned-in label must not flatten the
+    contrast of the bone. A constant image maps to zeros instead of dividing by zero.
+    """
+    low, high = np.percentile(raw, [low_pct, high_pct])
+    if high <= low:
+        return np.zeros_like(raw, dtype=np.float32)
+    return np.clip((raw - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class Letterbox:
+    """Where the original image sits inside the padded square (to undo it for Grad-CAM)."""
+    height: int
+    width: int
+    scale: float
+    top: int
+    left: int
+
+
+def letterbox(image01: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping the aspect ratio, then pad to size x size with black.
+
+    Wrist radiographs are about 2:1; squashing them into a square (as the original pipelines did)
+    distorts the bone shapes a fracture is read from.
+    """
+    import cv2
+    height, width = image01.shape
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image01, (new_w, new_h), interpolation=interpolation)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    square = np.zeros((size, size), dtype=np.uint8)
+    square[top:top + new_h, left:left + new_w] = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return square, Letterbox(height, width, scale, top, left)
+
+
+def preprocess_image(path: Path, size: int) -> tuple[np.ndarray, Letterbox]:
+    """THE preprocessing: decode, robust-scale, letterbox to uint8 size x size.
+
+    Training (through the cache), evaluation and 07_predict all call this one function, so a model
+    never sees different pixels at inference than in training.
+    """
+    return letterbox(scale_to_unit(read_raw_image(path)), size)
+
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageCache:
+    """A uint8 [N, size, size] array on disk holding each source image decoded once.
+
+    `rows[path]` is the row of a source image; `errors[path]` says why one could not be decoded.
+    """
+    array_path: Path
+    size: int
+    rows: dict[str, int]
+    errors: dict[str, str]
+
+    def open(self) -> np.ndarray:
+        return np.load(self.array_path, mmap_mode="r")
+
+    def rows_for(self, paths: Sequence[str]) -> np.ndarray:
+        return np.array([self.rows[str(p)] for p in paths], dtype=np.int64)
+
+
+def _file_stamp(path: str) -> list[int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_mtime_ns, stat.st_size]
+
+
+def build_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: str,
+                      workers: int | None = None) -> ImageCache:
+    """Decode every image not yet cached (or changed since) into `cache_dir/name_size.npy`.
+
+    The cache is keyed by (dataset name, size); an entry is reused while its source file's
+    modification time and size are unchanged, so every epoch and every stage reads the same
+    pre-resized pixels (about 12 us per image instead of ~14 ms+ to decode a 16-bit PNG). Changed
+    or new files are decoded in parallel; the new array and index replace the old ones atomically.
+    """
+    cache_dir = Path(cache_dir)
+    array_path = cache_dir / f"{name}_{size}.npy"
+    index_path = cache_dir / f"{name}_{size}.json"
+    wanted = sorted({str(p) for p in paths})
+    stamps = {p: _file_stamp(p) for p in wanted}
+    old_entries = _read_cache_index(index_path, array_path, size)
+    reusable = {p: e for p, e in old_entries.items() if e["stamp"] == stamps.get(p) and p in stamps}
+    if len(reusable) == len(wanted):
+        log(f"image cache {array_path.name}: all {len(wanted)} images cached")
+        return _cache_from_entries(array_path, size, reusable)
+
+    to_decode = [p for p in wanted if p not in reusable]
+    # Keep other still-valid entries too, so the router's and the fracture stage's subsets of one
+    # dataset share a single file.
+    keep = {p: e for p, e in old_entries.items() if p not in stamps and _file_stamp(p) == e["stamp"]}
+    keep.update(reusable)
+    order = sorted(keep) + to_decode
+    entries: dict[str, dict] = {}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(array_path) as tmp_array:
+        array = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=np.uint8,
+                                          shape=(len(order), size, size))
+        if keep:
+            old = np.load(array_path, mmap_mode="r")
+            for row, path in enumerate(sorted(keep)):
+                array[row] = old[keep[path]["row"]]
+                entries[path] = {"row": row, "stamp": keep[path]["stamp"], "error": keep[path]["error"]}
+            del old
+        array.flush()
+        del array
+        start = time.perf_counter()
+        errors = _decode_into(tmp_array, order, len(keep), size, workers)
+        seconds = time.perf_counter() - start
+        for offset, path in enumerate(to_decode):
+            entries[path] = {"row": len(keep) + offset, "stamp": stamps[path], "error": errors.get(path)}
+        with atomic_path(index_path) as tmp_index:
+            # The index is replaced first, then the array; a reader that finds the two out of step
+            # (shape mismatch) rebuilds instead of trusting either.
+            tmp_index.write_text(json.dumps({"version": CACHE_VERSION, "size": size,
+                                             "count": len(order), "entries": entries}))
+    log(f"image cache {array_path.name}: decoded {len(to_decode)} images in {seconds:.1f} s "
+        f"({len(to_decode) / max(seconds, 1e-9):.0f} images/s), reused {len(keep)}, "
+        f"{len(errors)} unreadable")
+    return _cache_from_entries(array_path, size, entries)
+
+
+def _read_cache_index(index_path: Path, array_path: Path, size: int) -> dict[str, dict]:
+    if not (index_path.is_file() and array_path.is_file()):
+        return {}
+    try:
+        index = json.loads(index_path.read_text())
+        shape = np.load(array_path, mmap_mode="r").shape
+    except (ValueError, OSError):
+        return {}
+    if index.get("version") != CACHE_VERSION or index.get("size") != size or shape != (
+            index.get("count"), size, size):
+        return {}
+    return index["entries"]
+
+
+def _cache_from_entries(array_path: Path, size: int, entries: dict[str, dict]) -> ImageCache:
+    rows = {p: e["row"] for p, e in entries.items()}
+    errors = {p: e["error"] for p, e in entries.items() if e["error"]}
+    return ImageCache(array_path, size, rows, errors)
+
+
+def _decode_into(array_path: Path, order: list[str], first_row: int, size: int,
+                 workers: int | None) -> dict[str, str]:
+    """Decode order[first_row:] into rows first_row.. of the .npy, in worker processes.
+
+    Each worker writes straight into the memory-mapped file, so no pixels travel through pipes.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = [(str(array_path), row, order[row], size) for row in range(first_row, len(order))]
+    if not jobs:
+        return {}
+    workers = workers or min(8, os.cpu_count() or 1)
+    errors: dict[str, str] = {}
+    if workers <= 1 or len(jobs) < 64:
+        results = map(_decode_job, jobs)
+        for path, error in progress(results, total=len(jobs), desc="decode images", unit="img"):
+            if error:
+                errors[path] = error
+        return errors
+    context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        results = pool.map(_decode_job, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
+        for path, error in progress(results, total=len(jobs), desc="decode images", unit="img"):
+            if error:
+                errors[path] = error
+    return errors
+
+
+_WORKER_ARRAYS: dict[str, np.ndarray] = {}
+
+
+def _decode_job(job: tuple[str, int, str, int]) -> tuple[str, str | None]:
+    array_path, row, path, size = job
+    array = _WORKER_ARRAYS.get(array_path)
+    if array is None:
+        import cv2
+        cv2.setNumThreads(1)  # one process per core already; nested threads only thrash
+        array = _WORKER_ARRAYS[array_path] = np.load(array_path, mmap_mode="r+")
+    try:
+        array[row], _ = preprocess_image(Path(path), size)
+    except (ImageReadError, OSError, ValueError) as error:
+        return path, str(error)
+    return path, None
+
+
+def open_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: str,
+                     workers: int | None = None) -> ImageCache:
+    """Build the cache on one process per node, then let every rank open it read-only."""
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        cache = build_image_cache(paths, size, cache_dir, name, workers)
+    if distributed:
+        dist.barrier()
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            index = read_json(Path(cache_dir) / f"{name}_{size}.json")
+            cache = _cache_from_entries(Path(cache_dir) / f"{name}_{size}.npy", size, index["entries"])
+    return cache
+
+
+def drop_unreadable(frame: pd.DataFrame, cache: ImageCache, what: str) -> pd.DataFrame:
+    """Remove rows whose image could not be decoded: a counted, reported skip, not a crash."""
+    bad = frame["image_path"].map(lambda p: str(p) in cache.errors)
+    if bad.any():
+        first = frame.loc[bad, "image_path"].iloc[0]
+        log(f"skipped {int(bad.sum())} unreadable image(s) in {what}, e.g. {cache.errors[str(first)]}")
+    return frame[~bad].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Models and losses
+# ------------------------------------------------------------------------------------------------
+
+def check_architecture(arch: str) -> None:
+    import timm
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=4)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise InputError(f"--arch {arch}: not a timm architecture{hint}")
+
+
+def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
+                 **kwargs):
+    """A timm model with `num_classes` outputs on `in_chans`-channel (grey) input.
+
+    pretrained: None = random init (the demo); a path = weights from that local file (timm adapts
+    the first convolution to one channel and drops a classifier of the wrong size); 'download' =
+    let timm fetch them, for an online machine only.
+    """
+    import timm
+    check_architecture(arch)
+    if pretrained is None:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained == "download":
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except Exception as error:  # offline: huggingface_hub/urllib raise many error types
+            raise InputError(f"--pretrained download: could not fetch weights for {arch} "
+                             f"({type(error).__name__}); on a machine with internet run "
+                             f"`python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"`, "
+                             "copy the .safetensors file from the Hugging Face cache, and pass "
+                             "--pretrained PATH") from None
+    path = Path(pretrained)
+    if not path.is_file():
+        raise InputError(f"--pretrained {path}: weights file not found; download the {arch} "
+                         "weights (.safetensors or .pth) on an online machine and give the local path")
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                             num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _torch_modules():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    return torch, nn, F
+
+
+def binary_focal_loss(logits, targets, alpha: float = 0.5, gamma: float = 2.0):
+    """Focal loss (Lin et al. 2017) for one logit per image.
+
+    alpha weights the positive class and 1 - alpha the negative one (a real per-class weight, not
+    a constant); gamma down-weights easy examples. With gamma = 0 this is alpha-weighted BCE.
+    """
+    torch, _, F = _torch_modules()
+    targets = targets.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    p_true = torch.exp(-bce)  # probability the model gives the true class
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * (1 - p_true) ** gamma * bce).mean()
+
+
+def build_gem(p: float = 3.0, eps: float = 1e-6):
+    """Generalised-mean pooling with a learnable exponent p (p=1: average, p->inf: max).
+
+    Small, bright structures (a growth plate, a cortical break) survive GeM better than averaging.
+    """
+    torch, nn, F = _torch_modules()
+
+    class GeM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.tensor(float(p)))
+            self.eps = eps
+
+        def forward(self, x):
+            pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(self.p), 1)
+            return pooled.pow(1.0 / self.p).flatten(1)
+
+    return GeM()
+
+
+def build_boneage_model(arch: str, pretrained: str | None = None, max_months: float = BONEAGE_MAX_MONTHS,
+                        init_months: float | None = None, sex_dim: int = 16):
+    """Backbone features -> GeM -> concat sex embedding -> MLP head -> sigmoid x max_months.
+
+    The sigmoid keeps every prediction inside (0, max_months). Sex enters as an embedding because
+    bone maturation differs by sex: the same hand means a different bone age in a girl and a boy.
+    init_months sets the head's bias so training starts from the training mean, not 120 months.
+    """
+    torch, nn, _ = _torch_modules()
+    backbone = create_model(arch, num_classes=0, global_pool="", pretrained=pretrained)
+    channels_last_output = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
+
+    class BoneAgeModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.pool = build_gem()
+            self.sex_embedding = nn.Embedding(2, sex_dim)
+            self.head = nn.Sequential(nn.Linear(backbone.num_features + sex_dim, 256), nn.GELU(),
+                                      nn.Dropout(0.1), nn.Linear(256, 1))
+            self.max_months = max_months
+            if init_months is not None:
+                fraction = min(max(init_months / max_months, 0.01), 0.99)
+                nn.init.constant_(self.head[-1].bias, math.log(fraction / (1 - fraction)))
+
+        def forward(self, images, male):
+            features = self.backbone.forward_features(images)
+            if channels_last_output:
+                features = features.permute(0, 3, 1, 2)
+            pooled = self.pool(features)
+            joined = torch.cat([pooled, self.sex_embedding(male.long())], dim=1)
+            return torch.sigmoid(self.head(joined).squeeze(1).float()) * self.max_months
+
+    model = BoneAgeModel()
+    model.arch = arch
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Distributed
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "object"  # torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(choice: str, local_rank: int = 0):
+    import torch
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu "
+                             "(or auto), or check CUDA_VISIBLE_DEVICES and the driver")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup_distributed(device_choice: str = "auto") -> DistInfo:
+    """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK.
+
+    Plain `python stage.py` sets none of them and gets a one-process DistInfo, no process group.
+    NCCL on GPUs, gloo on CPU. Validate inputs BEFORE calling this so a bad file fails every rank
+    the same way instead of leaving the others waiting in a collective.
+    """
+    import torch
+    import torch.distributed as dist
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    if device.type == "cpu":
+        # torchrun's default of 1 thread per worker is right for N workers on N cores; a single
+        # process may use them all.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    """barrier + destroy_process_group, then flush: without it gloo aborts at exit now and then."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from rank `src` to every rank (identity without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_reduce_sum(values: Sequence[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_rows(local: "torch.Tensor", device) -> "torch.Tensor":
+    """Concatenate equally-shaped per-rank tensors on every rank (rank order)."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    local = local.to(device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).cpu()
+
+
+class EpochSampler:
+    """Draws one epoch of dataset indices, the same on every rank, and hands each rank a disjoint share.
+
+    balanced=True: half the epoch from each class (the minority class is cycled through random
+    permutations, so an image repeats only once every other image of its class has been seen);
+    balanced=False: a random permutation of the whole set. The draw is seeded by (seed, epoch),
+    identical on every rank; rank r takes positions r, r+W, r+2W, ..., so no two ranks train on
+    the same draw and every rank has the same number of samples (hence the same batch count; the
+    last few draws that do not divide by W are left out of that epoch).
+    """
+
+    def __init__(self, labels: Sequence[int], *, balanced: bool, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch_size: int | None = None):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.balanced = balanced
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        total = epoch_size or len(self.labels)
+        self.per_rank = total // world_size
+        self.epoch = 0
+        if balanced and len(np.unique(self.labels)) < 2:
+            raise ValueError("a balanced sampler needs both classes in the training set")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> np.ndarray:
+        """The whole epoch's draw (all ranks), identical on every rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        total = self.per_rank * self.world_size
+        if not self.balanced:
+            return rng.permutation(len(self.labels))[:total]
+        classes = np.unique(self.labels)
+        shares = [total // len(classes) + (1 if i < total % len(classes) else 0) for i in range(len(classes))]
+        draws = [_cycled_permutation(np.flatnonzero(self.labels == c), n, rng) for c, n in zip(classes, shares)]
+        return rng.permutation(np.concatenate(draws))
+
+    def __iter__(self):
+        return iter(self.epoch_indices()[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def _cycled_permutation(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    rounds = [rng.permutation(pool) for _ in range(-(-count // len(pool)))]
+    return np.concatenate(rounds)[:count]
+
+
+def shard_for_eval(n_items: int, rank: int, world_size: int) -> np.ndarray:
+    """Positions rank, rank+W, ... padded (by repeating the last) to the same length on every rank.
+
+    Padding keeps all_gather shapes equal; `gather_predictions` drops the padded copies by index.
+    """
+    per_rank = -(-n_items // world_size)
+    positions = np.arange(rank, per_rank * world_size, world_size)
+    return np.minimum(positions, n_items - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Training loop shared by 03, 04 and 05
+# ------------------------------------------------------------------------------------------------
+
+def save_checkpoint(obj: dict, path: Path) -> Path:
+    """torch.save a plain dict atomically: a crash mid-write never leaves a truncated checkpoint."""
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with weights_only=True: a checkpoint can carry tensors and primitives, never code."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found; train it first (run_all.py, or the stage "
+                         "that writes it) or pass --models with the right outputs folder")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle with code, wrong format
+        raise InputError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error}); "
+                         "delete it and retrain") from None
+
+
+class CachedImageDataset:
+    """Rows of the preprocess-once cache plus per-row values (target, sex, ...).
+
+    Per-sample work is one memory-mapped slice: decoding, resizing and augmentation happen
+    elsewhere (once at cache build; on whole batches on the device). The memmap is opened lazily
+    in each loader worker because pickling an open memmap would copy the whole array.
+    """
+
+    def __init__(self, cache: ImageCache, paths: Sequence[str], **values: Sequence):
+        self.array_path = cache.array_path
+        self.rows = cache.rows_for(paths)
+        self.values = {name: np.asarray(v) for name, v in values.items()}
+        self._array = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+        if self._array is None:
+            self._array = np.load(self.array_path, mmap_mode="r")
+        item = {"image": torch.from_numpy(np.array(self._array[self.rows[i]])).unsqueeze(0), "index": i}
+        for name, column in self.values.items():
+            item[name] = torch.as_tensor(column[i])
+        return item
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+
+def augment_batch(images):
+    """Random affine (rotation +-10 deg, scale +-10%, shift +-5%, left/right flip) and
+    brightness/contrast on a whole [B,1,H,W] batch in [0,1], on whatever device it lives on.
+
+    Batch-wise on the GPU it costs almost nothing, where per-image CPU augmentation would need
+    many loader cores. A left/right flip is a plausible wrist (left and right hands mirror).
+    """
+    torch, _, F = _torch_modules()
+    batch = images.shape[0]
+    device = images.device
+
+    def uniform(low, high, *shape):
+        return torch.empty(*(shape or (batch,)), device=device).uniform_(low, high)
+
+    angle = uniform(-math.radians(10), math.radians(10))
+    scale = uniform(0.9, 1.1)
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    shift = uniform(-0.1, 0.1, batch, 2)  # affine_grid coordinates span 2, so 0.1 = 5%
+    theta = torch.stack([
+        torch.stack([torch.cos(angle) * flip / scale, -torch.sin(angle) / scale, shift[:, 0]], 1),
+        torch.stack([torch.sin(angle) * flip / scale, torch.cos(angle) / scale, shift[:, 1]], 1),
+    ], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = uniform(0.85, 1.15).view(-1, 1, 1, 1)
+    brightness = uniform(-0.08, 0.08).view(-1, 1, 1, 1)
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return ((images - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+
+def prepare_images(images_uint8, device, *, train: bool, channels_last: bool):
+    """uint8 [B,1,H,W] from the loader -> normalised float on the device (augmented if training)."""
+    import torch
+    images = images_uint8.to(device, non_blocking=True).float().div_(255.0)
+    if train:
+        images = augment_batch(images)
+    images = (images - PIXEL_MEAN) / PIXEL_STD
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    patience: int = 5
+    grad_clip: float = 1.0
+    workers: int = 2
+    compile: bool = False
+    monitor: str = "auc"        # key of the dict the evaluate callback returns
+    mode: str = "max"           # "max" for AUC/accuracy, "min" for MAE
+    seed: int = 42
+
+
+@dataclass
+class EarlyStopping:
+    mode: str
+    patience: int
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def make_loader(dataset, *, batch_size: int, sampler=None, workers: int, device, shuffle=False):
+    import torch
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=False)
+
+
+def predict(model, dataset, forward: Callable, *, batch_size: int, info: DistInfo,
+            workers: int = 0, channels_last: bool = False) -> np.ndarray:
+    """Run `forward` over the whole dataset, sharded across ranks, gathered on every rank.
+
+    Returns outputs in dataset order, each item exactly once (the padding that evens the shards
+    out is dropped by index), so metrics are computed over the whole set, not per rank.
+    """
+    import torch
+    positions = shard_for_eval(len(dataset), info.rank, info.world_size)
+    subset = torch.utils.data.Subset(dataset, positions.tolist())
+    loader = make_loader(subset, batch_size=batch_size, workers=workers, device=info.device)
+    outputs, indices = [], []
+    model.eval()
+    with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.bfloat16,
+                                         enabled=info.device.type == "cuda"):
+        for batch in loader:
+            images = prepare_images(batch["image"], info.device, train=False, channels_last=channels_last)
+            outputs.append(forward(model, images, batch).float())
+            indices.append(batch["index"].to(info.device))
+    local_out = torch.cat(outputs) if outputs else torch.empty(0, device=info.device)
+    local_idx = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=info.device)
+    all_out = gather_rows(local_out, info.device).cpu().numpy()
+    all_idx = gather_rows(local_idx, info.device).cpu().numpy()
+    result = np.zeros((len(dataset), *all_out.shape[1:]), dtype=np.float32)
+    result[all_idx] = all_out
+    assert set(all_idx.tolist()) == set(range(len(dataset))), "every item must be predicted once"
+    return result
+
+
+def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, loss_fn: Callable,
+        evaluate: Callable[[object], dict], settings: TrainSettings, info: DistInfo, run_dir: Path,
+        checkpoint_meta: dict, balanced: bool) -> dict:
+    """Train with AdamW + warmup/cosine, gradient clipping, early stopping, resumable from last.pt.
+
+    forward(model, images, batch) -> outputs; loss_fn(outputs, batch) -> scalar;
+    evaluate(model) -> dict of validation metrics (called on every rank: it gathers).
+    Writes run_dir/best.pt (the best weights), last.pt (everything needed to resume),
+    history.csv and, for the first epoch this process trains, sample_audit.json (which dataset
+    indices each rank drew). Returns {"best": {...}, "history": [...]} with the best weights loaded.
+    """
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    run_dir = Path(run_dir)
+    on_cuda = info.device.type == "cuda"
+    model = model.to(info.device)
+    if on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    per_rank = len(train_set) // info.world_size
+    per_rank = per_rank // settings.batch_size * settings.batch_size or per_rank
+    sampler = EpochSampler(train_labels, balanced=balanced, rank=info.rank, world_size=info.world_size,
+                           seed=settings.seed, epoch_size=per_rank * info.world_size)
+    loader = make_loader(train_set, batch_size=settings.batch_size, sampler=sampler,
+                         workers=settings.workers, device=info.device)
+    steps_per_epoch = max(1, len(loader))
+    optimizer = _make_optimizer(model, settings, on_cuda)
+    scheduler = _warmup_cosine(optimizer, int(settings.warmup_epochs * steps_per_epoch),
+                               settings.epochs * steps_per_epoch)
+    early = EarlyStopping(settings.mode, settings.patience)
+    history: list[dict] = []
+    start_epoch, best_state = _resume(run_dir, checkpoint_meta, model, optimizer, scheduler, early, history, info)
+
+    train_model = DistributedDataParallel(model, device_ids=[info.device.index] if on_cuda else None) \
+        if info.distributed else model
+    if settings.compile:
+        train_model = torch.compile(train_model)
+    crash_epoch = int(os.environ.get("PIPELINE_CRASH_AFTER_EPOCH", "0"))  # for resume tests only
+    audited = False
+    for epoch in range(start_epoch, settings.epochs):
+        if early.should_stop:
+            break
+        sampler.set_epoch(epoch)
+        # Augmentation randomness differs per rank and per epoch, and is reproducible on resume.
+        torch.manual_seed(settings.seed * 100_003 + epoch * 1_009 + info.rank)
+        model.train()
+        start = time.perf_counter()
+        loss_sum, seen, drawn = 0.0, 0, []
+        for batch in progress(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, unit="batch"):
+            images = prepare_images(batch["image"], info.device, train=True, channels_last=on_cuda)
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                outputs = forward(train_model, images, batch)
+            targets = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if k != "image"}
+            loss = loss_fn(outputs.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(images)
+            seen += len(images)
+            if not audited:
+                drawn.append(batch["index"])
+        if on_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        loss_total, seen_total = all_reduce_sum([loss_sum, seen], info.device)
+        if not audited:
+            _write_sample_audit(run_dir, epoch, drawn, info, sampler)
+            audited = True
+        val = evaluate(model)
+        improved = early.update(val[settings.monitor], epoch)
+        if improved:
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        row = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
+               **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
+               "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_total / max(seconds, 1e-9),
+               "samples_seen": int(seen_total) + (int(history[-1]["samples_seen"]) if history else 0),
+               "seconds": seconds}
+        history.append(row)
+        if info.is_main:
+            if improved:
+                save_checkpoint({**checkpoint_meta, "state_dict": best_state, "epoch": epoch + 1,
+                                 "val": _primitives(val)}, run_dir / "best.pt")
+            save_checkpoint({"meta": checkpoint_meta, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "epoch": epoch + 1, "early": asdict(early), "history": history,
+                             "torch_rng": torch.get_rng_state()}, run_dir / "last.pt")
+            write_csv(pd.DataFrame(history), run_dir / "history.csv")
+        log(f"epoch {epoch + 1:3d}/{settings.epochs}  loss {row['train_loss']:.4f}  "
+            f"val {settings.monitor} {val[settings.monitor]:.4f}{' *' if improved else '  '}  "
+            f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s")
+        if crash_epoch and epoch + 1 == crash_epoch and info.rank == int(os.environ.get("PIPELINE_CRASH_RANK", "0")):
+            log(f"PIPELINE_CRASH_AFTER_EPOCH={crash_epoch}: exiting on purpose to test resume")
+            sys.stdout.flush()
+            os._exit(17)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"best": {"epoch": early.best_epoch + 1, settings.monitor: early.best}, "history": history}
+
+
+def _make_optimizer(model, settings: TrainSettings, on_cuda: bool):
+    """AdamW; no weight decay on biases, norms and GeM's exponent (1-D parameters)."""
+    import torch
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, fused=on_cuda)
+
+
+def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup then cosine decay to 1% of the peak, stepped once per batch."""
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _resume(run_dir: Path, meta: dict, model, optimizer, scheduler, early: EarlyStopping,
+            history: list, info: DistInfo):
+    """Continue from last.pt when it was written with the same settings; otherwise start fresh."""
+    last = run_dir / "last.pt"
+    start_epoch, best_state = 0, None
+    if last.is_file():
+        state = load_checkpoint(last)
+        if state.get("meta") == meta:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for key, value in state["early"].items():
+                setattr(early, key, value)
+            history.extend(state["history"])
+            start_epoch = int(state["epoch"])
+            if (run_dir / "best.pt").is_file():
+                best_state = load_checkpoint(run_dir / "best.pt")["state_dict"]
+            log(f"resuming {run_dir} from last.pt after epoch {start_epoch}")
+        else:
+            log(f"{last}: written with other settings; training from scratch")
+    agreed = broadcast_object(start_epoch)
+    if agreed != start_epoch:
+        raise InputError(f"{run_dir}: ranks disagree on where to resume ({agreed} vs {start_epoch}); "
+                         "--out must be one folder shared by every node")
+    return start_epoch, best_state
+
+
+def _write_sample_audit(run_dir: Path, epoch: int, drawn: list, info: DistInfo, sampler: EpochSampler) -> None:
+    """Record which dataset indices each rank trained on in one epoch (checked by the DDP test)."""
+    import torch
+    local = torch.cat(drawn) if drawn else torch.empty(0, dtype=torch.long)
+    gathered = gather_rows(local, info.device).numpy().reshape(info.world_size, -1)
+    if info.is_main:
+        write_json({"epoch": epoch + 1, "world_size": info.world_size, "balanced": sampler.balanced,
+                    "intended_samples": sampler.per_rank * info.world_size,
+                    "indices_by_rank": gathered.tolist()}, run_dir / "sample_audit.json")
+
+
+def _primitives(values: dict) -> dict:
+    return json.loads(json.dumps(values, default=_json_default))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Metrics and plots
+# ------------------------------------------------------------------------------------------------
+
+def youden_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
+    """The threshold maximising sensitivity + specificity - 1 on the given (validation) set.
+
+    Chosen on validation and applied unchanged to test, so the test figures stay honest.
+    """
+    from sklearn.metrics import roc_curve
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(max(thresholds[best], 0.0), 1.0))
+
+
+def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float) -> dict:
+    """ROC AUC, PR AUC, accuracy, F1, sensitivity, specificity and the confusion matrix at a threshold."""
+    from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix,
+                                 f1_score, roc_auc_score)
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    predicted = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both = len(np.unique(labels)) == 2
+    return {
+        "auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(labels, probs)) if both else float("nan"),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "f1": float(f1_score(labels, predicted, zero_division=0)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "threshold": float(threshold),
+        "n": int(len(labels)), "n_positive": int(labels.sum()),
+        "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true, y_score, groups,
+                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap CI resampling PATIENTS, not images.
+
+    A patient's images are correlated (same bones, often the same fracture in AP and Lat);
+    resampling images would treat them as independent and give too narrow an interval.
+    Resamples where the metric is undefined (one class only) are skipped.
+    """
+    y_true, y_score, groups = np.asarray(y_true), np.asarray(y_score), np.asarray(groups)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        chosen = rng.integers(0, len(unique), len(unique))
+        rows = np.concatenate([members[g] for g in chosen])
+        try:
+            value = metric(y_true[rows], y_score[rows])
+        except ValueError:
+            continue
+        if np.isfinite(value):
+            values.append(value)
+    if len(values) < n_boot // 2:
+        return [float("nan"), float("nan")]
+    tail = (1 - level) / 2 * 100
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def auc_with_ci(labels, probs, patients, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
+    from sklearn.metrics import roc_auc_score
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan"), [float("nan"), float("nan")]
+    return float(roc_auc_score(labels, probs)), bootstrap_ci(roc_auc_score, labels, probs, patients, n_boot, seed)
+
+
+def mean_absolute_error(true, predicted) -> float:
+    return float(np.mean(np.abs(np.asarray(true, dtype=float) - np.asarray(predicted, dtype=float))))
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    plt = _figure()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_roc(labels, probs, path: Path, title: str, threshold: float | None = None) -> Path:
+    from sklearn.metrics import roc_curve, roc_auc_score
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(labels, probs):.3f}")
+        if threshold is not None:
+            predicted = np.asarray(probs) >= threshold
+            labels_ = np.asarray(labels).astype(bool)
+            ax.plot([(predicted & ~labels_).sum() / max((~labels_).sum(), 1)],
+                    [(predicted & labels_).sum() / max(labels_.sum(), 1)], "o", color="black",
+                    label=f"threshold {threshold:.2f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+def plot_confusion(matrix, class_names: Sequence[str], path: Path, title: str) -> Path:
+    plt = _figure()
+    matrix = np.asarray(matrix)
+    size = max(3.2, 0.9 * len(class_names) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center",
+                color="white" if count > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return save_figure(fig, path)
+
+
+def plot_scatter(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    ax.scatter(true, predicted, s=8, alpha=0.6)
+    low, high = float(np.min(true)), float(np.max(true))
+    ax.plot([low, high], [low, high], "--", color="grey", lw=1)
+    ax.set(xlabel=f"true ({unit})", ylabel=f"predicted ({unit})",
+           title=f"{title}\nMAE {mean_absolute_error(true, predicted):.1f} {unit}")
+    return save_figure(fig, path)
+
+
+def plot_bland_altman(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
+    plt = _figure()
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    mean, diff = (true + predicted) / 2, predicted - true
+    bias, spread = diff.mean(), 1.96 * diff.std(ddof=1) if len(diff) > 1 else 0.0
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    ax.scatter(mean, diff, s=8, alpha=0.6)
+    for value, style in ((bias, "-"), (bias + spread, "--"), (bias - spread, "--")):
+        ax.axhline(value, color="grey", ls=style, lw=1)
+    ax.set(xlabel=f"mean of true and predicted ({unit})", ylabel=f"predicted - true ({unit})",
+           title=f"{title}\nbias {bias:+.1f}, limits of agreement +-{spread:.1f} {unit}")
+    return save_figure(fig, path)

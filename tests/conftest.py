@@ -1,0 +1,43 @@
+"""Shared pytest fixtures: the repo on sys.path, a small demo dataset, the real reference files."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT.parent / "shared" / "reference"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def load_stage(name: str):
+    """Import a numbered stage (e.g. '04_train_fracture_ddp') as a module, without running it."""
+    return importlib.import_module(name)
+
+
+def load_make_demo():
+    spec = importlib.util.spec_from_file_location("make_demo", ROOT / "data" / "make_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The real GRAZPEDWRI-DX and RSNA label files; tests that need them skip without ../shared."""
+    if not (REFERENCE / "grazpedwri_dx_metadata.csv").is_file():
+        pytest.skip("../shared/reference is absent")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """A small demo of both datasets (session-wide): <dir>/grazpedwri and <dir>/rsna_boneage."""
+    out = tmp_path_factory.mktemp("demo")
+    load_make_demo().main(["--out", str(out), "--wrist-patients", "160", "--boneage-images", "120",
+                           "--seed", "0"])
+    return out
