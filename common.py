@@ -106,6 +106,36 @@ def make_parser(doc: str) -> argparse.ArgumentParser:
     return add_common_args(parser)
 
 
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of the training stages (03, 04, 05); None means 'take the preset's value'."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--arch", help="timm architecture (default: per preset)")
+    group.add_argument("--pretrained", help="local weights file for --arch (.safetensors/.pth), or "
+                                            "'download' on an online machine (default: random init)")
+    group.add_argument("--epochs", type=int, help="maximum epochs (default: per preset)")
+    group.add_argument("--batch-size", type=int, help="GLOBAL batch size, split across ranks (default: per preset)")
+    group.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
+    group.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
+    group.add_argument("--image-size", type=int, help="input size in pixels (default: per preset)")
+    group.add_argument("--workers", type=int, help="loader processes per rank (default: 0 on CPU, "
+                                                   "where the cache makes loading nearly free; 4 on GPU)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow to start)")
+    return parser
+
+
+def apply_training_preset(args: argparse.Namespace, presets: dict, image_size: int) -> argparse.Namespace:
+    """Fill every training flag the user left out from the stage's preset table."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.image_size = args.image_size or image_size
+    if args.workers is None:
+        import torch
+        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.workers = min(4, os.cpu_count() or 1) if on_gpu else 0
+    return args
+
+
 def log(*parts, **kwargs) -> None:
     """Print on rank 0 only, flushed, so torchrun logs stay readable."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -228,7 +258,8 @@ def index_images(root: Path) -> dict[str, Path]:
     one glob per row: 20k globs over a network share take minutes.
     """
     found: dict[str, Path] = {}
-    for folder, _, files in os.walk(root, followlinks=True):
+    # Absolute paths: split CSVs must stay valid for a stage started from another folder.
+    for folder, _, files in os.walk(Path(root).resolve(), followlinks=True):
         for name in files:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
@@ -416,7 +447,7 @@ def read_split(out: Path, dataset: str, split: str) -> pd.DataFrame:
     """Read a split CSV written by 01/02, or say which stage to run first."""
     path = split_path(out, dataset, split)
     if not path.is_file():
-        stage = "01_split_test.py" if split == "test" else "02_split_trainval.py"
+        stage = "01_split_test.py" if split in ("test", "quarantine") else "02_split_trainval.py"
         raise InputError(f"{path}: split not found; run {stage} (or run_all.py) with the same --out first")
     frame = pd.read_csv(path, dtype={"filestem": str, "id": str, "ao_classification": str})
     return frame
@@ -780,6 +811,14 @@ def open_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: str
     return cache
 
 
+def cache_split_images(frames: dict[str, pd.DataFrame], size: int, out: Path, name: str,
+                       workers: int | None = None) -> tuple[dict[str, pd.DataFrame], ImageCache]:
+    """Open (building if needed) the cache for every image of the given splits; drop unreadable rows."""
+    paths = sorted({p for frame in frames.values() for p in frame["image_path"].astype(str)})
+    cache = open_image_cache(paths, size, Path(out) / "cache", name, workers)
+    return {split: drop_unreadable(frame, cache, f"{name} {split}") for split, frame in frames.items()}, cache
+
+
 def drop_unreadable(frame: pd.DataFrame, cache: ImageCache, what: str) -> pd.DataFrame:
     """Remove rows whose image could not be decoded: a counted, reported skip, not a crash."""
     bad = frame["image_path"].map(lambda p: str(p) in cache.errors)
@@ -1098,6 +1137,21 @@ def load_checkpoint(path: Path) -> dict:
                          "delete it and retrain") from None
 
 
+def load_trained_model(path: Path, device="cpu"):
+    """Rebuild a model saved by 03/04/05 from its best.pt and return (model in eval mode, checkpoint).
+
+    The checkpoint says what it is: kind 'classifier' (arch, num_classes) or 'boneage'
+    (arch, max_months); weights are the unwrapped model's state_dict.
+    """
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("kind") == "boneage":
+        model = build_boneage_model(checkpoint["arch"], max_months=checkpoint["max_months"])
+    else:
+        model = create_model(checkpoint["arch"], num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
 class CachedImageDataset:
     """Rows of the preprocess-once cache plus per-row values (target, sex, ...).
 
@@ -1179,11 +1233,15 @@ class TrainSettings:
     warmup_epochs: float = 1.0
     patience: int = 5
     grad_clip: float = 1.0
-    workers: int = 2
+    workers: int = 0
     compile: bool = False
     monitor: str = "auc"        # key of the dict the evaluate callback returns
     mode: str = "max"           # "max" for AUC/accuracy, "min" for MAE
     seed: int = 42
+
+    def identity(self) -> dict:
+        """The settings that change the result (not workers or compile): resume only if equal."""
+        return {k: v for k, v in asdict(self).items() if k not in ("workers", "compile")}
 
 
 @dataclass
@@ -1261,11 +1319,15 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
     model = model.to(info.device)
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
+    # --batch-size is the GLOBAL batch: each of W ranks takes B/W of it, so 1 and N processes
+    # step through the same batches with the same learning-rate schedule. Every batch is full
+    # (a BatchNorm batch of one sample would fail) and every rank gets the same number of them.
+    batch = max(1, settings.batch_size // info.world_size)
     per_rank = len(train_set) // info.world_size
-    per_rank = per_rank // settings.batch_size * settings.batch_size or per_rank
+    per_rank = per_rank // batch * batch or per_rank
     sampler = EpochSampler(train_labels, balanced=balanced, rank=info.rank, world_size=info.world_size,
                            seed=settings.seed, epoch_size=per_rank * info.world_size)
-    loader = make_loader(train_set, batch_size=settings.batch_size, sampler=sampler,
+    loader = make_loader(train_set, batch_size=batch, sampler=sampler,
                          workers=settings.workers, device=info.device)
     steps_per_epoch = max(1, len(loader))
     optimizer = _make_optimizer(model, settings, on_cuda)

@@ -81,7 +81,7 @@ REAL_FRACTURE_RATE_PER_AGE_YEAR = [0.63, 0.65, 0.53, 0.70, 0.81, 0.87, 0.89, 0.8
 REAL_MALE_SHARE_PER_5Y = [0.54, 0.50, 0.63, 0.69]
 # Projections within one study (patient, study_number): '12' = one AP and one Lat image.
 REAL_STUDY_PROJECTIONS = {"12": 9137, "2": 697, "1": 570, "1122": 88, "11": 60, "13": 52,
-                          "22": 43, "23": 22}
+                          "22": 43, "23": 22, "122": 10, "112": 6, "33": 5, "3": 4}
 # Studies per patient, real: 1: 3993, 2: 903, 3: 505, 4: 331, 5: 199, 6: 104, 7+: 56 (max 12).
 # Follow-up studies belong to fractures, so we draw them by fracture status with a shorter tail;
 # together they give ~1.7 studies and ~3.3 images per patient as in the real file.
@@ -91,15 +91,17 @@ STUDIES_IF_NORMAL = {1: 0.90, 2: 0.10}
 STUDY_AGE_GAPS = {0.0: 0.64, 0.1: 0.20, "weeks": 0.12, "years": 0.04}
 # initial_exam per study number 1, 2, 3, 4+ (real 0.79, 0.31, 0.10, 0.07).
 REAL_INITIAL_EXAM_BY_STUDY = [0.79, 0.31, 0.10, 0.07]
-# Image-level flag rates, real: cast 41% of fracture / 3.5% of normal images, metal 4.4% / 1.7%
-# (rising with follow-ups), osteopenia 17.8% / 1.0%, diagnosis_uncertain 0.8% / 6.4%.
-# Per-study probabilities below are tuned so that the demo lands on those totals.
-CAST_PROB = {"fracture_first": 0.28, "fracture_followup": 0.60, "normal": 0.035}
-METAL_PROB = {"fracture_first": 0.010, "fracture_followup": 0.06, "normal": 0.015}
-OSTEOPENIA_PROB = {"fracture": 0.17, "normal": 0.01}
+# Image-level flag rates, real: cast 28% (41% of fracture / 3.5% of normal images), metal 3.5%
+# (4.4% / 1.7%, rising with follow-ups), osteopenia 12% (17.8% / 1.0%), diagnosis_uncertain 2.6%
+# (0.8% / 6.4%). The per-study (cast, metal, uncertain) and per-patient (osteopenia) probabilities
+# below are tuned so that the demo lands near those totals.
+CAST_PROB = {"fracture_first": 0.27, "fracture_followup": 0.50, "normal": 0.02}
+METAL_PROB = {"fracture_first": 0.01, "fracture_followup": 0.03, "normal": 0.01}
+OSTEOPENIA_PROB = {"fracture": 0.15, "normal": 0.01}
 UNCERTAIN_PROB = {"fracture": 0.008, "normal": 0.064}
-# A fracture seen on one view is missed on the other in ~10% of fractured two-image studies.
-VISIBLE_PROB_BY_STUDY = [0.95, 0.90, 0.82]  # study 1, 2, 3+ (healing)
+# An AO code with no visible fracture: 3.8% of real images (missed on one view, or healed);
+# within fractured two-image studies the two views disagree in ~10%.
+VISIBLE_PROB_BY_STUDY = [0.96, 0.95, 0.93]  # study 1, 2, 3+
 # Patient-level fracture probability = real image-level rate x this, because fractured patients
 # bring more follow-up images; tuned so the demo's image-level rate is ~2/3 as in the real file.
 PATIENT_FRACTURE_SCALE = 0.87
@@ -113,7 +115,7 @@ REAL_AO_CODES = {
     "23u-M/2.1": 38, "72B(c)": 38, "23r-M/3.1; 23u-E/1": 34, "22-D/4.1": 31, "22u-D/2.1": 25,
 }
 AGFA_SHARE = 0.0055  # 112 of 20,327 images come from an Agfa device, with pixel spacing 0.143
-UNIFORM_AGE_SHARE = 0.2  # see sample_age()
+MIN_AGE_YEAR_SHARE = 0.016  # see sample_age()
 
 # ---- Figures measured once from the real RSNA Bone Age training labels (12,611 images) ----
 # boneage months: mean 127.3, sd 41.2, min 1, max 228; 54.2% boys (mean 135 vs 118 for girls).
@@ -242,7 +244,8 @@ def patient_rows(patient_id, n_patients, rng, other_gender=False):
         ao_code = draw(rng, REAL_AO_CODES)
     side = "L" if rng.random() < 0.548 else "R"  # real: 11,135 L / 9,192 R images
     agfa = rng.random() < AGFA_SHARE
-    metal = osteopenia = False
+    osteopenia = rng.random() < OSTEOPENIA_PROB["fracture" if fractured else "normal"]
+    metal = False
     study_ages, study_projections = [], []
     for study in range(n_studies):
         if study:
@@ -256,23 +259,23 @@ def patient_rows(patient_id, n_patients, rng, other_gender=False):
         if study > 1:  # a follow-up now and then images the other wrist (real: 1.3% of studies)
             side = side if rng.random() > 0.015 else {"L": "R", "R": "L"}[side]
             timehash += int(max((age - study_ages[study - 2]) * 31_557_600, 0) + rng.integers(300_000, 3_000_000))
-        kind = "normal" if not fractured else ("fracture_first" if study == 1 else "fracture_followup")
+        order = list(projections) if rng.random() < 0.8 else list(reversed(projections))
+        visible = [fractured and rng.random() < VISIBLE_PROB_BY_STUDY[min(study, 3) - 1] for _ in order]
+        # Casts and implants go with a fracture still seen on film (real: cast on 3.5% of normal images).
+        kind = "normal" if not any(visible) else ("fracture_first" if study == 1 else "fracture_followup")
         cast = rng.random() < CAST_PROB[kind]
         metal = metal or rng.random() < METAL_PROB[kind]  # an implant stays in for later studies
-        osteopenia = osteopenia or rng.random() < OSTEOPENIA_PROB["fracture" if fractured else "normal"]
         uncertain = rng.random() < UNCERTAIN_PROB["fracture" if fractured else "normal"]
         initial = rng.random() < REAL_INITIAL_EXAM_BY_STUDY[min(study, 4) - 1]
-        order = list(projections) if rng.random() < 0.8 else list(reversed(projections))
-        for projection in order:
+        for projection, fracture_visible in zip(order, visible):
             timehash += int(rng.integers(15, 90))  # seconds between the views of one study
-            visible = fractured and rng.random() < VISIBLE_PROB_BY_STUDY[min(study, 3) - 1]
             rows.append({
                 "filestem": f"{patient_id:04d}_{timehash:010d}_{study:02d}_WRI-{side}{projection}_{gender}{int(age):03d}",
                 "patient_id": str(patient_id), "study_number": str(study), "timehash": str(timehash),
                 "gender": gender, "age": format_age(age), "laterality": side, "projection": projection,
                 "initial_exam": flag(initial), "ao_classification": ao_code, "cast": flag(cast),
                 "diagnosis_uncertain": flag(uncertain), "osteopenia": flag(osteopenia),
-                "fracture_visible": flag(visible), "metal": flag(metal),
+                "fracture_visible": flag(fracture_visible), "metal": flag(metal),
                 "pixel_spacing": "0.143" if agfa else "0.144", "device_manufacturer": "Agfa" if agfa else "Siemens",
                 "image_part": 1 + (patient_id - 1) * IMAGE_PARTS // n_patients,
             })
@@ -282,15 +285,13 @@ def patient_rows(patient_id, n_patients, rng, other_gender=False):
 def sample_age(rng):
     """Age at the first study, in years with one decimal.
 
-    Mostly the real age histogram; one patient in five is uniform over 0-20 y (clipped at 19.0, the
-    real maximum) so that every one-year bin, which the split stage stratifies its test set by,
-    holds patients of both classes even in a 900-patient demo.
+    The real age histogram, with every one-year bin raised to at least 1.6% of patients: the split
+    stage stratifies its test set by 20 one-year bins, and the rare youngest and oldest bins must
+    still hold patients of both classes in a 900-patient demo. The last bin is 19.0, the real maximum.
     """
-    if rng.random() < UNIFORM_AGE_SHARE:
-        age = rng.uniform(0.2, 20.0)
-    else:
-        weights = np.array(REAL_IMAGES_PER_AGE_YEAR, float)
-        age = rng.choice(20, p=weights / weights.sum()) + rng.random()
+    weights = np.array(REAL_IMAGES_PER_AGE_YEAR, float)
+    weights = np.maximum(weights / weights.sum(), MIN_AGE_YEAR_SHARE)
+    age = rng.choice(20, p=weights / weights.sum()) + rng.random()
     return round(min(max(age, 0.2), 19.0), 1)
 
 
@@ -622,6 +623,10 @@ def draw_wrist(task):
 
     soft, bones, extra = frame.zeros(), frame.zeros(), frame.zeros()
     draw_soft_tissue(soft, frame, view)
+    if fractures:  # soft-tissue swelling around a fresh fracture, a real radiological sign
+        swelling, half_w = (0.0, min(plan["level"] for plan in fractures.values())), view["forearm_soft"][2][1] + 5
+        paint(soft, frame, blob_extent(swelling, half_w, 40), 0,
+              blob(swelling, half_w, 40, depth=9.0 * max(0.3, 1.2 - 0.3 * task["study_number"])), combine="add")
     for name in ("radius", "ulna"):
         draw_forearm_bone(bones, frame, view[name], name, maturity, cortex, fractures.get(name))
     draw_carpals(bones, frame, view, maturity)
@@ -653,9 +658,9 @@ def plan_fractures(task, maturity, draws):
         plans[name] = {
             "level": level - 6 * i,                                  # both-bone fractures: ulna a bit lower
             "line_angle": (draws[1] - 0.5) * 50,                      # obliquity of the fracture line
-            "gap_px": (4.0 + 4.0 * draws[2]) * healing,               # several source pixels wide
-            "angulation": (5 + 10 * draws[3]) * (1 if draws[4] < 0.7 else -1) * healing,
-            "shift": ((draws[5] - 0.5) * 10 * healing, -2 - 3 * draws[6]),   # displacement, shortening
+            "gap_px": (6.0 + 5.0 * draws[2]) * healing,               # several source pixels wide
+            "angulation": (10 + 12 * draws[3]) * (1 if draws[4] < 0.7 else -1) * healing,
+            "shift": ((3 + 5 * draws[5]) * (1 if draws[6] < 0.5 else -1) * healing, -2 - 3 * draws[6]),
             "phase": draws[7] * 6.283,
         }
     return plans
@@ -707,6 +712,10 @@ def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
               blob(center, r_end * 1.05 * size, height / 2, tilt, squareness=4, depth=0.55 * r_end * size), motion=motion)
     if fracture:
         cut_fracture_gap(bone, frame, break_point, axis, max(r_flare, r_end) + 4, fracture)
+        r_break = nodes[[tuple(p) for p, _ in nodes].index(tuple(break_point))][1]
+        for side in (-1, 1):  # the cortex buckles next to the break, as in a torus fracture
+            bump = break_point - axis * (fracture["gap_px"] / frame.k) + normal * side * r_break
+            paint(bone, frame, blob_extent(bump, 4, 4), 0, blob(bump, 3.5, 4.5, depth=5.0), combine="add")
     layer += bone
 
 

@@ -22,6 +22,7 @@ def load_stage(name: str):
 def load_make_demo():
     spec = importlib.util.spec_from_file_location("make_demo", ROOT / "data" / "make_demo.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["make_demo"] = module  # its worker pool pickles functions by module name
     spec.loader.exec_module(module)
     return module
 

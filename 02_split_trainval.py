@@ -1,0 +1,275 @@
+"""Split everything outside the test sets into train and val, by patient, and prove nothing leaks.
+
+Reads, under --out/splits/ (written by 01_split_test.py):
+  wrist_test.csv, wrist_quarantine.csv, boneage_test.csv, age_groups.json, test_report.json
+and the metadata again, from the folders 01 read and with 01's filters (both recorded in
+test_report.json, so no flag needs repeating; a --data or --boneage-data given here must match).
+
+Writes, under --out/splits/
+  wrist_train.csv, wrist_val.csv        same columns as wrist_test.csv
+  boneage_train.csv, boneage_val.csv    same columns as boneage_test.csv
+  group_status.csv     one row per (projection, age group): images and fractures in train, val and
+                       test, `trainable`, and a `skip_reason` where train or val lacks a class
+                       (04 skips such a group with that reason instead of failing)
+  split_report.md      images, patients and fracture rate per split x projection x age group;
+                       exclusions by reason, the quarantine, bone-age split sizes, the leak check
+  02_split_trainval/config.json   how this stage was run
+
+Wrist: the images of patients who are neither in the test set nor quarantined go to train or val,
+stratified by (projection, age group, label) and grouped by patient: all of a patient's images,
+both projections and every study, sit in one split (scikit-learn's StratifiedGroupKFold). Bone
+age: one image per id, stratified by one-year bone-age bin x sex (StratifiedKFold). Both take one
+of round(1/val-fraction) folds as val: --val-fraction 0.2 gives 5 folds, 0.15 gives 7 (1/7 = 0.14).
+
+Leak check: no patient may sit in two of test (with the quarantine), train and val, and no bone-age
+id in two splits; otherwise the stage stops before writing any split. The same --seed gives the same
+files, byte for byte.
+
+Run:
+  python 02_split_trainval.py                     # after 01_split_test.py on the demo data
+  python 02_split_trainval.py --out outputs       # after 01 with --data and --boneage-data
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import common
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of the non-test patients (wrist) and images (bone age) held out "
+                             "for validation, rounded to 1/k for k folds (default: 0.2)")
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction <= 0.5:
+        raise common.InputError(f"--val-fraction {args.val_fraction}: give a share above 0 and at "
+                                "most 0.5, e.g. 0.2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    test_report = read_test_report(args.out)
+    args = common.resolve_common_args(use_data_of_test_stage(args, test_report))
+    edges = common.read_age_edges(args.out)
+    wrist_test = common.read_split(args.out, "wrist", "test")
+    quarantine = common.read_split(args.out, "wrist", "quarantine")
+    boneage_test = common.read_split(args.out, "boneage", "test")
+
+    # The same rows 01 drew from: same folder, same filters.
+    wrist, excluded = common.read_wrist_metadata(args.data, **test_report["filters"])
+    check_test_rows_present(wrist_test, wrist, args.data)
+    wrist = sort_wrist(add_age_columns(wrist, edges))
+
+    # Everyone who is neither a test patient nor quarantined, split by patient.
+    held_out = pd.concat([wrist_test, quarantine])
+    pool = wrist[~wrist["patient_id"].isin(held_out["patient_id"])]
+    wrist_strata = (pool["projection_name"] + "/" + pool["age_group"].astype(str) + "/"
+                    + pool["label"].astype(str))
+    is_val = split_off_val(wrist_strata, pool["patient_id"], args.val_fraction, args.seed, "wrist")
+    wrist_train, wrist_val = pool[~is_val], pool[is_val]
+
+    # Bone age: every image outside the test set, one image per id.
+    boneage, _ = common.read_boneage_metadata(args.boneage_data)
+    boneage = add_boneage_bin(boneage)
+    pool = sort_boneage(boneage[~boneage["id"].isin(boneage_test["id"])])
+    boneage_strata = pool["age_bin"].astype(str) + "/" + pool["sex"]
+    is_val = split_off_val(boneage_strata, None, args.val_fraction, args.seed, "bone-age")
+    boneage_train, boneage_val = pool[~is_val], pool[is_val]
+
+    # The leak check, before any split is written. The quarantine shares its patients with the
+    # test set by design, so the two count as one side.
+    wrist_splits = {"test+quarantine": held_out, "train": wrist_train, "val": wrist_val}
+    boneage_splits = {"train": boneage_train, "val": boneage_val, "test": boneage_test}
+    common.assert_no_patient_leak(wrist_splits)
+    common.assert_no_patient_leak(boneage_splits, key="id")
+    leak_line = leak_check_line(common.patient_overlap(wrist_splits),
+                                common.patient_overlap(boneage_splits, key="id"))
+
+    splits = {"train": wrist_train, "val": wrist_val, "test": wrist_test}
+    status = group_status(splits, edges)
+    common.write_csv(wrist_train, common.split_path(args.out, "wrist", "train"))
+    common.write_csv(wrist_val, common.split_path(args.out, "wrist", "val"))
+    common.write_csv(boneage_train, common.split_path(args.out, "boneage", "train"))
+    common.write_csv(boneage_val, common.split_path(args.out, "boneage", "val"))
+    splits_dir = args.out / "splits"
+    common.write_csv(status, splits_dir / "group_status.csv")
+    report = split_report(splits, edges, test_report, excluded, len(quarantine), boneage_splits,
+                          leak_line)
+    with common.atomic_path(splits_dir / "split_report.md") as tmp:
+        tmp.write_text(report)
+    common.write_run_config(splits_dir / "02_split_trainval", args)
+
+    common.log(leak_line)
+    for name, frame in splits.items():
+        common.log(f"wrist {name}: {len(frame)} images of {frame['patient_id'].nunique()} patients, "
+                   f"{frame['label'].mean():.1%} with a visible fracture")
+    common.log(f"wrist quarantine: {len(quarantine)} images (test patients' other images)")
+    common.log(f"bone age: train {len(boneage_train)}, val {len(boneage_val)}, "
+               f"test {len(boneage_test)} images")
+    for row in status[~status["trainable"]].itertuples():
+        common.log(f"not trainable: {row.projection} {row.age_group_name}: {row.skip_reason}")
+    common.log(f"wrote {splits_dir}: wrist_train/val.csv, boneage_train/val.csv, group_status.csv, "
+               "split_report.md")
+
+
+def read_test_report(out: Path) -> dict:
+    path = Path(out) / "splits" / "test_report.json"
+    if not path.is_file():
+        raise common.InputError(f"{path}: not found; run 01_split_test.py with the same --out first")
+    return common.read_json(path)
+
+
+def use_data_of_test_stage(args, test_report: dict):
+    """Default --data/--boneage-data to the folders 01 drew the test sets from; a different one is
+    an error, because the test patients would then not be held out of this data."""
+    for flag, attribute in (("--data", "data"), ("--boneage-data", "boneage_data")):
+        recorded = Path(test_report[attribute])
+        given = getattr(args, attribute)
+        if given is None:
+            setattr(args, attribute, recorded)
+        elif Path(given).resolve() != recorded:
+            raise common.InputError(f"{flag} {given}: 01_split_test.py drew the test set from "
+                                    f"{recorded}; leave {flag} out, or rerun 01 on the new folder")
+    return args
+
+
+def check_test_rows_present(wrist_test: pd.DataFrame, wrist: pd.DataFrame, data: Path) -> None:
+    missing = ~wrist_test["filestem"].isin(wrist["filestem"])
+    if missing.any():
+        raise common.InputError(f"{data / 'dataset.csv'}: {int(missing.sum())} test images (e.g. "
+                                f"{wrist_test['filestem'][missing].iloc[0]}) are no longer in it; "
+                                "the dataset changed since 01_split_test.py ran: rerun 01, then 02")
+
+
+def add_age_columns(wrist: pd.DataFrame, edges) -> pd.DataFrame:
+    """age_group: the model's age group (common.age_group_of); age_bin: the whole year of age."""
+    wrist = wrist.copy()
+    wrist["age_group"] = common.age_group_of(wrist["age"], edges)
+    wrist["age_bin"] = np.floor(wrist["age"]).astype(int)
+    return wrist
+
+
+def split_off_val(strata: pd.Series, groups: pd.Series | None, val_fraction: float, seed: int,
+                  dataset: str) -> np.ndarray:
+    """True for the rows of one fold of a stratified k-fold split, k = round(1/fraction), grouped
+    when `groups` is given (bone age has one image per id, so nothing to group)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n_splits = round(1 / val_fraction)
+    if groups is None:
+        folds, group_labels = StratifiedKFold(n_splits, shuffle=True, random_state=seed), None
+    else:
+        # Seeded through the group labels, not shuffle=True: in scikit-learn 1.7, shuffle=True
+        # permutes the groups' class counts but not their labels, so the folds stop being
+        # stratified (scikit-learn issue #32478). np.unique sorts, so the CSV's row order is moot.
+        unique_groups, group_index = np.unique(groups.to_numpy(), return_inverse=True)
+        group_labels = np.random.default_rng(seed).permutation(len(unique_groups))[group_index]
+        folds = StratifiedGroupKFold(n_splits)
+    try:
+        with warnings.catch_warnings():
+            # Strata smaller than k (rare ages) are expected: their few patients go where they fit.
+            warnings.filterwarnings("ignore", message="The least populated class")
+            _, val_rows = next(folds.split(np.zeros(len(strata)), strata.to_numpy(), group_labels))
+    except ValueError as error:
+        raise common.InputError(f"{dataset}: too few images outside the test set to split into "
+                                f"{n_splits} folds ({error}); lower --per-cell or "
+                                "--boneage-test-fraction in 01, or raise --val-fraction") from None
+    is_val = np.zeros(len(strata), dtype=bool)
+    is_val[val_rows] = True
+    return is_val
+
+
+def sort_wrist(frame: pd.DataFrame) -> pd.DataFrame:
+    """The row order of 01's CSVs, so the same split is the same file, byte for byte."""
+    return frame.sort_values(["projection", "age_bin", "label", "filestem"])
+
+
+def add_boneage_bin(boneage: pd.DataFrame) -> pd.DataFrame:
+    """age_bin: whole years of bone age, the strata of 01's test draw and of this split."""
+    boneage = boneage.copy()
+    boneage["age_bin"] = np.floor(boneage["boneage"] / 12).astype(int)
+    return boneage
+
+
+def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["age_bin", "sex", "id"])
+
+
+def leak_check_line(wrist_overlap: dict[str, int], boneage_overlap: dict[str, int]) -> str:
+    def pairs(overlap):
+        return ", ".join(f"{pair} {n}" for pair, n in overlap.items())
+    return (f"leak check: PASS (wrist patients shared: {pairs(wrist_overlap)}; "
+            f"bone-age ids shared: {pairs(boneage_overlap)})")
+
+
+def group_status(splits: dict[str, pd.DataFrame], edges) -> pd.DataFrame:
+    """Per (projection, age group): images and fractures per split, and whether 04 can train it.
+
+    A group whose train or val split lacks a class cannot be trained (no gradient for the missing
+    class) or early-stopped (AUC needs both classes): 04 skips it and says why.
+    """
+    names = common.age_group_names(edges)
+    rows = []
+    for projection in common.PROJECTIONS:
+        for age_group, age_group_name in enumerate(names):
+            row = {"projection": projection, "age_group": age_group, "age_group_name": age_group_name}
+            for split, frame in splits.items():
+                labels = frame.loc[(frame["projection_name"] == projection)
+                                   & (frame["age_group"] == age_group), "label"]
+                row[f"n_{split}"], row[f"positives_{split}"] = len(labels), int(labels.sum())
+            reasons = [f"{split} has no {kind}"
+                       for split in ("train", "val")
+                       for kind, count in (("fracture", row[f"positives_{split}"]),
+                                           ("normal", row[f"n_{split}"] - row[f"positives_{split}"]))
+                       if count == 0]
+            row["trainable"] = not reasons
+            row["skip_reason"] = "; ".join(reasons)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def split_report(splits: dict[str, pd.DataFrame], edges, test_report: dict, excluded: dict[str, int],
+                 n_quarantine: int, boneage_splits: dict[str, pd.DataFrame], leak_line: str) -> str:
+    """The markdown summary a reader checks before trusting any metric."""
+    names = common.age_group_names(edges)
+    wrist_rows = []
+    for split, frame in splits.items():
+        for (projection, age_group), group in frame.groupby(["projection_name", "age_group"]):
+            wrist_rows.append([split, projection, names[age_group], len(group),
+                               group["patient_id"].nunique(), f"{group['label'].mean():.1%}"])
+        wrist_rows.append([split, "all", "all", len(frame), frame["patient_id"].nunique(),
+                           f"{frame['label'].mean():.1%}" if len(frame) else "-"])
+    boneage_rows = [[split, len(frame), f"{frame['boneage'].mean():.1f}", f"{frame['male'].mean():.1%}"]
+                    for split, frame in boneage_splits.items()]
+    wrist_report = test_report["wrist"]
+    return "\n".join([
+        "# Splits", "",
+        f"Seed {test_report['seed']}; test set {test_report['per_cell']} images per (projection, "
+        f"age bin, class) cell, {wrist_report['shortfall_images']} images short in "
+        f"{len(wrist_report['shortfalls'])} cells (see test_report.json).", "",
+        f"**{leak_line}**", "",
+        "## Wrist images per split, projection and age group", "",
+        markdown_table(["split", "projection", "age group", "images", "patients", "fracture rate"],
+                       wrist_rows), "",
+        f"Quarantined (test patients' other images, in no split): {n_quarantine} images.", "",
+        f"Wrist metadata: {common.format_exclusions(excluded, wrist_report['rows'])} (filters: "
+        + ", ".join(f"{name}={value}" for name, value in test_report["filters"].items()) + ").", "",
+        "## Bone age", "",
+        markdown_table(["split", "images", "mean bone age (months)", "male"], boneage_rows), "",
+        f"Test set: {test_report['boneage']['source']}.", ""])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Stage 03: train the age-group router and predict every wrist image's age group.
+
+The fracture models are trained per age group (04). At inference the true age may be unknown,
+so this classifier routes an image to its group's model; 04 (--route pred) and 07_predict use it.
+
+Reads   OUT/splits/wrist_{train,val,test}.csv and OUT/splits/age_groups.json (from 01/02)
+Writes  OUT/age/best.pt, last.pt, history.csv       the router (resumable)
+        OUT/age/predictions.csv   filestem, split, projection_name, age, age_group,
+                                  age_group_pred, prob_group0..K-1 for every train/val/test image
+        OUT/age/metrics.json      {"val": {...}, "test": {"accuracy", "macro_f1", "n"}}
+        OUT/age/confusion.png, OUT/age/config.json
+
+Run:
+  python 03_train_age.py                                   # demo data, demo preset
+  python 03_train_age.py --data DATA --preset full         # Swin-L at 384 px on a GPU
+  python -m torch.distributed.run --nproc-per-node 4 03_train_age.py --data DATA
+  python 03_train_age.py --epochs 1 --device cpu           # CPU smoke test
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+import common
+
+PRESETS = {
+    # resnet10t learns the demo's maturity cues on two CPU cores (PERFORMANCE.md: 0.94 accuracy);
+    # the full preset is the original pipeline's Swin-L.
+    "demo": {"arch": "resnet10t", "epochs": 10, "batch_size": 32, "lr": 2e-3, "patience": 4},
+    "full": {"arch": "swin_large_patch4_window12_384", "epochs": 30, "batch_size": 32,
+             "lr": 5e-5, "patience": 5},
+}
+
+
+def parse_args(argv=None):
+    parser = common.add_training_args(common.make_parser(__doc__))
+    args = common.resolve_common_args(parser.parse_args(argv))
+    common.apply_training_preset(args, PRESETS, common.IMAGE_SIZE[args.preset])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = common.ensure_writable_dir(args.out / "age")
+    edges = common.read_age_edges(args.out)
+    names = common.age_group_names(edges)
+    frames = {split: common.read_split(args.out, "wrist", split) for split in ("train", "val", "test")}
+    common.assert_no_patient_leak(frames)
+    common.check_architecture(args.arch)
+    info = common.setup_distributed(args.device)
+    try:
+        common.seed_everything(args.seed)
+        frames, cache = common.cache_split_images(frames, args.image_size, args.out, "wrist")
+        datasets = {split: common.CachedImageDataset(cache, frame["image_path"],
+                                                     target=frame["age_group"].to_numpy(np.int64))
+                    for split, frame in frames.items()}
+        model = common.create_model(args.arch, num_classes=len(names), pretrained=args.pretrained,
+                                    **_size_kwargs(args.arch, args.image_size))
+        settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                        patience=args.patience, workers=args.workers,
+                                        compile=args.compile, monitor="accuracy", seed=args.seed)
+        meta = {"kind": "classifier", "task": "age_group", "arch": args.arch, "num_classes": len(names),
+                "image_size": args.image_size, "age_edges": list(edges), "group_names": names,
+                "pretrained": args.pretrained, "settings": settings.identity()}
+
+        def evaluate(trained):
+            probs = _predict_probs(trained, datasets["val"], args, info)
+            return _classification_metrics(frames["val"]["age_group"].to_numpy(), probs)
+
+        common.log(f"age router {args.arch}: {len(frames['train'])} train / {len(frames['val'])} val "
+                   f"images, groups {', '.join(names)}")
+        common.fit(model, datasets["train"], frames["train"]["age_group"].to_numpy(),
+                   forward=_forward, loss_fn=_loss, evaluate=evaluate, settings=settings, info=info,
+                   run_dir=out_dir, checkpoint_meta=meta, balanced=False)
+        probs = {split: _predict_probs(model, datasets[split], args, info) for split in datasets}
+        if info.is_main:
+            _write_outputs(out_dir, frames, probs, names, args)
+    finally:
+        common.cleanup_distributed()
+
+
+def _size_kwargs(arch: str, image_size: int) -> dict:
+    # Swin and ViT fix their input size at construction; CNNs take any size.
+    return {"img_size": image_size} if any(k in arch for k in ("swin", "vit", "deit")) else {}
+
+
+def _forward(model, images, batch):
+    return model(images)
+
+
+def _loss(logits, batch):
+    import torch.nn.functional as F
+    # Label smoothing: neighbouring age groups overlap in maturity, hard 0/1 targets overstate it.
+    return F.cross_entropy(logits, batch["target"].long(), label_smoothing=0.05)
+
+
+def _predict_probs(model, dataset, args, info) -> np.ndarray:
+    import torch
+    logits = common.predict(model, dataset, _forward, batch_size=args.batch_size, info=info)
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def _classification_metrics(true_groups: np.ndarray, probs: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+    predicted = probs.argmax(axis=1)
+    return {"accuracy": float(accuracy_score(true_groups, predicted)),
+            "macro_f1": float(f1_score(true_groups, predicted, average="macro", zero_division=0)),
+            "n": int(len(true_groups))}
+
+
+def _write_outputs(out_dir, frames, probs, names, args) -> None:
+    from sklearn.metrics import confusion_matrix
+    rows = []
+    for split, frame in frames.items():
+        table = frame[["filestem", "patient_id", "projection_name", "age", "age_group"]].copy()
+        table.insert(1, "split", split)
+        table["age_group_pred"] = probs[split].argmax(axis=1)
+        for group in range(len(names)):
+            table[f"prob_group{group}"] = probs[split][:, group].round(5)
+        rows.append(table)
+    predictions = pd.concat(rows, ignore_index=True)
+    common.write_csv(predictions, out_dir / "predictions.csv")
+    metrics = {split: _classification_metrics(frames[split]["age_group"].to_numpy(), probs[split])
+               for split in ("val", "test")}
+    metrics["group_names"] = names
+    common.write_json(metrics, out_dir / "metrics.json")
+    test = predictions[predictions["split"] == "test"]
+    matrix = confusion_matrix(test["age_group"], test["age_group_pred"], labels=range(len(names)))
+    common.plot_confusion(matrix, names, out_dir / "confusion.png",
+                          f"age router, test (accuracy {metrics['test']['accuracy']:.2f})")
+    common.write_run_config(out_dir, args)
+    common.log(f"age router test: accuracy {metrics['test']['accuracy']:.3f}, macro F1 "
+               f"{metrics['test']['macro_f1']:.3f} (n={metrics['test']['n']}) -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

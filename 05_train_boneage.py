@@ -1,0 +1,215 @@
+"""Stage 05: train the bone-age regressor (hand radiograph + sex -> bone age in months).
+
+Reads   OUT/splits/boneage_{train,val,test}.csv  (01/02: id, boneage, male, sex, image_path, ...)
+        and the images they name, decoded once into OUT/cache/boneage_<size>.npy
+Writes  OUT/boneage/best.pt, last.pt, history.csv, sample_audit.json   the model (resumable)
+        OUT/boneage/predictions.csv   id, sex, true_months, predicted_months (test set)
+        OUT/boneage/metrics.json      {"val": {"mae", "n"},
+                                       "test": {"mae", "mae_ci", "n", "baseline_mae"}}
+        OUT/boneage/scatter.png, bland_altman.png, config.json
+
+The model: timm backbone features -> learnable GeM pooling -> concatenated sex embedding -> MLP
+head -> sigmoid x 240, so every prediction lies inside (0, 240) months. Sex is an input because
+bone maturation differs by sex. Loss: mean absolute error in months, the metric the RSNA challenge
+reports; baseline_mae is the error of always predicting the training mean, the figure a model has
+to beat. mae_ci is a 95% bootstrap interval over images (one image per child in RSNA).
+
+Augmentation (small affine, flip, brightness/contrast) runs on whole training batches on the
+device; validation, test and 07_predict see the same preprocessing (common.preprocess_image via
+the cache) and no augmentation. bf16 autocast on CUDA; plain fp32 on CPU.
+
+Presets: full = ConvNeXt-Tiny at 512 px, batch 32, lr 1e-4, up to 40 epochs (give it ImageNet
+weights with --pretrained). demo = timm resnet10t at 96 px from random init: on the default demo
+(1,600 hands) ConvNeXt-Atto from scratch stayed near the mean-predicting baseline within the
+3-minute CPU budget, while resnet10t learns (figures in the report of the stage and PERFORMANCE.md).
+
+Run:
+  python 05_train_boneage.py                                   # demo data, demo preset, CPU
+  python 05_train_boneage.py --boneage-data /data/rsna-bone-age --pretrained convnext_tiny.safetensors
+  python -m torch.distributed.run --nproc-per-node 4 05_train_boneage.py \\
+      --boneage-data /data/rsna-bone-age --pretrained convnext_tiny.safetensors --compile
+  python 05_train_boneage.py --epochs 1 --image-size 32 --device cpu   # CPU smoke test
+A run stopped part way (crash, preemption) resumes from last.pt when rerun with the same settings.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import common
+
+PRESETS = {
+    # Demo: resnet10t learns the demo hands on two CPU cores; ConvNeXt from scratch does not
+    # (PERFORMANCE.md). Full: ConvNeXt-Tiny with ImageNet weights, as the 2025 sex-aware model.
+    "demo": {"arch": "resnet10t", "epochs": 14, "batch_size": 32, "lr": 2e-3, "patience": 5,
+             "workers": 0},
+    "full": {"arch": "convnext_tiny", "epochs": 40, "batch_size": 32, "lr": 1e-4, "patience": 5,
+             "workers": 8},
+}
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ["id", "boneage", "male", "image_path"]
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--arch", help="timm architecture (default: resnet10t demo, convnext_tiny full)")
+    parser.add_argument("--pretrained", metavar="PATH|download",
+                        help="ImageNet weights file for --arch, or 'download' (online machines "
+                             "only) (default: none, random init)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 14 demo, 40 full)")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: 32)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 demo, 1e-4 full)")
+    parser.add_argument("--patience", type=int,
+                        help="epochs without a lower val MAE before stopping (default: 5)")
+    parser.add_argument("--image-size", type=int, help="input size in pixels (default: 96 demo, 512 full)")
+    parser.add_argument("--workers", type=int,
+                        help="loader processes per rank (default: 0 demo, 8 full)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    args = common.resolve_common_args(parser.parse_args(argv))
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.image_size = args.image_size or common.BONEAGE_IMAGE_SIZE[args.preset]
+    for flag in ("epochs", "batch_size", "patience", "image_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
+    if args.pretrained not in (None, "download") and not Path(args.pretrained).is_file():
+        raise common.InputError(f"--pretrained {args.pretrained}: weights file not found; download "
+                                f"the {args.arch} weights (.safetensors or .pth) on an online "
+                                "machine and give the local path")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = common.ensure_writable_dir(args.out / "boneage")
+    # Every input is checked before the process group starts, so a bad file stops every rank the
+    # same way instead of leaving the others waiting in a collective.
+    frames = {split: read_boneage_split(args.out, split) for split in SPLITS}
+    common.assert_no_patient_leak(frames, key="id")
+    common.check_architecture(args.arch)
+    if args.preset == "full" and args.pretrained is None:
+        common.log(f"note: {args.arch} starts from random weights; ConvNeXt needs ImageNet weights "
+                   "(--pretrained PATH) to learn bone age from a few thousand hands")
+    info = common.setup_distributed(args.device)
+    try:
+        common.seed_everything(args.seed)
+        frames, cache = common.cache_split_images(frames, args.image_size, args.out, "boneage")
+        for split, frame in frames.items():
+            if frame.empty:
+                raise common.InputError(f"{common.split_path(args.out, 'boneage', split)}: no readable "
+                                        "images left; check the image files, then rerun 01/02")
+        datasets = {split: common.CachedImageDataset(cache, frame["image_path"],
+                                                     target=frame["boneage"].to_numpy(np.float32),
+                                                     male=frame["male"].to_numpy(np.int64))
+                    for split, frame in frames.items()}
+
+        # The head starts at the training mean, so the first epochs learn the hand, not the offset.
+        train_mean = float(frames["train"]["boneage"].mean())
+        model = common.build_boneage_model(args.arch, pretrained=args.pretrained, init_months=train_mean)
+        settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                        patience=args.patience, workers=args.workers,
+                                        compile=args.compile, monitor="mae", mode="min", seed=args.seed)
+        # Everything 07_predict needs to rebuild the model, and everything that must match for
+        # last.pt to be resumed (a changed split must not continue the old weights).
+        meta = {"kind": "boneage", "arch": args.arch, "max_months": common.BONEAGE_MAX_MONTHS,
+                "image_size": args.image_size, "init_months": train_mean, "pretrained": args.pretrained,
+                "settings": settings.identity(), "splits": split_fingerprint(frames)}
+
+        def forward(model, images, batch):
+            return model(images, batch["male"].to(info.device))
+
+        def evaluate(trained):
+            predicted = predict_months(trained, datasets["val"], forward, args, info)
+            return {"mae": common.mean_absolute_error(frames["val"]["boneage"], predicted)}
+
+        common.log(f"bone age {args.arch} at {args.image_size} px: {len(frames['train'])} train / "
+                   f"{len(frames['val'])} val / {len(frames['test'])} test images, training mean "
+                   f"{train_mean:.1f} months, device {info.device}, {info.world_size} process(es)")
+        result = common.fit(model, datasets["train"], np.zeros(len(frames["train"]), dtype=np.int64),
+                            forward=forward, loss_fn=l1_loss, evaluate=evaluate, settings=settings,
+                            info=info, run_dir=out_dir, checkpoint_meta=meta, balanced=False)
+
+        # fit() returns with the best weights loaded; every rank predicts its share.
+        predicted = {split: predict_months(model, datasets[split], forward, args, info)
+                     for split in ("val", "test")}
+        if info.is_main:
+            metrics = write_outputs(out_dir, frames, predicted, train_mean, args, result)
+            test = metrics["test"]
+            common.log(f"bone age test: MAE {test['mae']:.2f} months (95% CI {test['mae_ci'][0]:.2f}-"
+                       f"{test['mae_ci'][1]:.2f}, n={test['n']}) vs {test['baseline_mae']:.2f} for "
+                       f"predicting the training mean; best epoch {result['best']['epoch']} -> {out_dir}")
+    finally:
+        common.cleanup_distributed()
+
+
+def read_boneage_split(out: Path, split: str) -> pd.DataFrame:
+    """One split CSV with the columns this stage needs; `male` as 0/1 whatever pandas parsed."""
+    path = common.split_path(out, "boneage", split)
+    frame = common.read_split(out, "boneage", split)
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise common.InputError(f"{path}: missing column(s) {', '.join(missing)}; it needs "
+                                f"{', '.join(REQUIRED_COLUMNS)}: rerun 01_split_test.py and 02_split_trainval.py")
+    if frame.empty:
+        raise common.InputError(f"{path}: no rows; rerun 01/02 on a bone-age CSV with images")
+    frame["boneage"] = pd.to_numeric(frame["boneage"], errors="coerce")
+    frame["male"] = frame["male"].astype(str).str.strip().str.lower().map(
+        {"true": 1, "false": 0, "1": 1, "0": 0, "1.0": 1, "0.0": 0})
+    bad = frame["boneage"].isna() | frame["male"].isna()
+    if bad.any():
+        raise common.InputError(f"{path}: {int(bad.sum())} row(s) without a numeric boneage or a "
+                                f"True/False male (e.g. id {frame.loc[bad, 'id'].iloc[0]}); rerun 01/02")
+    frame["image_path"] = frame["image_path"].astype(str)
+    frame["sex"] = np.where(frame["male"] == 1, "M", "F")
+    return frame
+
+
+def split_fingerprint(frames: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """A short hash of each split's ids: resuming after 01/02 were rerun would mix two splits."""
+    return {split: hashlib.sha1(",".join(sorted(frame["id"].astype(str))).encode()).hexdigest()[:16]
+            for split, frame in frames.items()}
+
+
+def l1_loss(predicted_months, batch):
+    import torch.nn.functional as F
+    # L1 rather than MSE: it is the reported metric, and a few mislabelled hands (bone age is read
+    # by eye, +-1 year between readers) pull on it linearly instead of quadratically.
+    return F.l1_loss(predicted_months, batch["target"].float())
+
+
+def predict_months(model, dataset, forward, args, info) -> np.ndarray:
+    return common.predict(model, dataset, forward, batch_size=args.batch_size, info=info,
+                          channels_last=info.device.type == "cuda")
+
+
+def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: float, args,
+                  result: dict) -> dict:
+    """predictions.csv (no identifying data beyond the dataset id), metrics.json, the figures."""
+    test = frames["test"]
+    true_months = test["boneage"].to_numpy(dtype=float)
+    table = pd.DataFrame({"id": test["id"].astype(str), "sex": test["sex"],
+                          "true_months": true_months, "predicted_months": predicted["test"].round(2)})
+    common.write_csv(table, out_dir / "predictions.csv")
+    metrics = {
+        "val": {"mae": common.mean_absolute_error(frames["val"]["boneage"], predicted["val"]),
+                "n": int(len(frames["val"]))},
+        "test": {"mae": common.mean_absolute_error(true_months, predicted["test"]),
+                 "mae_ci": common.bootstrap_ci(common.mean_absolute_error, true_months,
+                                               predicted["test"], groups=test["id"].to_numpy()),
+                 "n": int(len(test)),
+                 "baseline_mae": common.mean_absolute_error(true_months, np.full(len(test), train_mean))},
+    }
+    common.write_json(metrics, out_dir / "metrics.json")
+    title = f"bone age, test ({args.arch})"
+    common.plot_scatter(true_months, predicted["test"], out_dir / "scatter.png", title)
+    common.plot_bland_altman(true_months, predicted["test"], out_dir / "bland_altman.png", title)
+    common.write_run_config(out_dir, args, init_months=train_mean, best=result["best"])
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
