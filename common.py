@@ -1622,3 +1622,109 @@ def plot_bland_altman(true, predicted, path: Path, title: str, unit: str = "mont
     ax.set(xlabel=f"mean of true and predicted ({unit})", ylabel=f"predicted - true ({unit})",
            title=f"{title}\nbias {bias:+.1f}, limits of agreement +-{spread:.1f} {unit}")
     return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Report
+# ------------------------------------------------------------------------------------------------
+
+def write_report(out: Path, commands: Sequence[str] = ()) -> Path:
+    """Write OUT/REPORT.md: one page that explains a run from whatever the stages left in OUT.
+
+    Any stage may call it; sections whose outputs do not exist yet say so instead of failing.
+    """
+    import torch  # noqa: F401  (imported so library_versions() can list it)
+    import sklearn  # noqa: F401
+    out = Path(out)
+    lines = ["# Pediatric wrist radiograph pipeline: run report", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} from the outputs in `{out.name}/`. "
+             "Every figure below is read from the files the stages wrote; test metrics use a "
+             "patient-exclusive test set and thresholds chosen on validation.", ""]
+    lines += _report_splits(out) + _report_age(out) + _report_fracture(out) + _report_boneage(out)
+    lines += _report_gradcam(out)
+    lines += ["## Reproduce", "", "Commands run, in order:", "", "```",
+              *(commands or ["(not recorded: the report was written by a single stage)"]), "```", "",
+              "Library versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()), ""]
+    with atomic_path(out / "REPORT.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    return out / "REPORT.md"
+
+
+def _report_splits(out: Path) -> list[str]:
+    report = out / "splits" / "split_report.md"
+    if not report.is_file():
+        return ["## Data and splits", "", "_Not run yet (01/02)._", ""]
+    body = report.read_text().strip().splitlines()
+    # Demote the split report's headings by one level so they nest under this section.
+    body = [("#" + line) if line.startswith("#") else line for line in body]
+    return ["## Data and splits", "", *body, ""]
+
+
+def _report_age(out: Path) -> list[str]:
+    path = out / "age" / "metrics.json"
+    if not path.is_file():
+        return ["## Age-group router (03)", "", "_Not run yet._", ""]
+    metrics = read_json(path)
+    test, val = metrics["test"], metrics.get("val", {})
+    return ["## Age-group router (03)", "",
+            f"Groups: {', '.join(metrics.get('group_names', []))}. "
+            f"Test accuracy **{test['accuracy']:.3f}**, macro F1 {test['macro_f1']:.3f} (n = {test['n']}); "
+            f"validation accuracy {val.get('accuracy', float('nan')):.3f}.", "",
+            "![age router confusion matrix](age/confusion.png)", ""]
+
+
+def _report_fracture(out: Path) -> list[str]:
+    path = out / "fracture" / "summary.csv"
+    if not path.is_file():
+        return ["## Fracture models (04)", "", "_Not run yet._", ""]
+    summary = pd.read_csv(path)
+    lines = ["## Fracture models (04)", "",
+             "Test AUC with patient-level bootstrap 95% CI; sensitivity and specificity at the "
+             "threshold chosen on validation (Youden's J).", "",
+             "| model | status | n test (fracture) | AUC [95% CI] | sensitivity | specificity | threshold | plots |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summary.to_dict("records"):
+        if row["kind"] == "model":
+            name = f"{row['projection']} group {int(row['age_group'])}"
+            folder = f"fracture/{row['projection']}/group{int(row['age_group'])}"
+            plots = f"[ROC]({folder}/roc.png), [confusion]({folder}/confusion.png)" if row["status"] == "trained" else ""
+        else:
+            name, plots = row["kind"].replace("_", " "), ""
+        if row["status"] == "skipped":
+            lines.append(f"| {name} | skipped: {row['reason']} | | | | | | |")
+            continue
+        lines.append(f"| {name} | {row['status']} | {int(row['n_test'])} ({int(row['pos_test'])}) | "
+                     f"{row['test_auc']:.3f} [{row['test_auc_ci_low']:.3f}, {row['test_auc_ci_high']:.3f}] | "
+                     f"{_fmt(row.get('test_sensitivity'))} | {_fmt(row.get('test_specificity'))} | "
+                     f"{_fmt(row.get('test_threshold'))} | {plots} |")
+    return lines + ["", "Cascade rows route every test image to the model of its true (or 03-predicted) "
+                    "age group; the study row scores a study by its most suspicious image (AP and Lat "
+                    "together). Per-image probabilities: `fracture/test_predictions.csv`.", ""]
+
+
+def _fmt(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def _report_boneage(out: Path) -> list[str]:
+    path = out / "boneage" / "metrics.json"
+    if not path.is_file():
+        return ["## Bone age (05)", "", "_Not run yet._", ""]
+    test = read_json(path)["test"]
+    ci = test.get("mae_ci", [float("nan")] * 2)
+    return ["## Bone age (05)", "",
+            f"Test MAE **{test['mae']:.1f} months** [95% CI {ci[0]:.1f}, {ci[1]:.1f}] on {test['n']} images; "
+            f"predicting the training mean gives {test['baseline_mae']:.1f} months.", "",
+            "![predicted vs true](boneage/scatter.png) ![Bland-Altman](boneage/bland_altman.png)", ""]
+
+
+def _report_gradcam(out: Path) -> list[str]:
+    path = out / "gradcam" / "index.csv"
+    if not path.is_file():
+        return ["## Grad-CAM++ (06)", "", "_Not run yet._", ""]
+    index = pd.read_csv(path)
+    grids = sorted((out / "gradcam").glob("*/*/grid.png"))
+    return ["## Grad-CAM++ (06)", "",
+            f"{len(index)} overlays (true positives, false positives and false negatives first); "
+            "list in `gradcam/index.csv`.", "",
+            *[f"![{g.parent.parent.name} {g.parent.name}]({g.relative_to(out).as_posix()})" for g in grids], ""]

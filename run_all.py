@@ -1,0 +1,208 @@
+"""Run the whole pipeline, stage by stage, each as a subprocess whose command line is printed.
+
+  demo data (only without --data/--boneage-data) -> 01 test split -> 02 train/val split
+  -> 03 age router -> 04 fracture models -> 05 bone age -> 06 Grad-CAM++ -> outputs/REPORT.md
+
+03, 04 and 05 run under `python -m torch.distributed.run` (torchrun) with --nproc-per-node
+processes (default: the number of visible GPUs, 1 on CPU); multi-node flags pass through.
+
+A stage is skipped when its outputs are complete and its inputs and settings are unchanged since
+it last finished (OUT/manifests/<stage>.json records a hash of both); --force reruns. A run that
+was interrupted (Ctrl-C, a killed process) resumes when rerun with the same command: finished
+stages are skipped and a training stage continues from its last.pt.
+
+Run:
+  python run_all.py                                   # the demo, end to end, on a CPU
+  python run_all.py --data GRAZPEDWRI --boneage-data RSNA --pretrained-dir WEIGHTS   # full preset
+  python run_all.py --only 04 --extra "04=--loss bce --sampler none"   # one stage, extra flags
+  python run_all.py --nnodes 2 --node-rank 0 --rdzv-endpoint host0:29500 --data ...   # 2 nodes
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import common
+
+
+@dataclass
+class Stage:
+    name: str
+    script: str
+    distributed: bool = False
+    inputs: list[str] = field(default_factory=list)   # files under OUT it reads
+    outputs: list[str] = field(default_factory=list)  # files under OUT that mean "done"
+
+
+STAGES = [
+    Stage("01", "01_split_test.py", inputs=[],
+          outputs=["splits/wrist_test.csv", "splits/boneage_test.csv", "splits/age_groups.json"]),
+    Stage("02", "02_split_trainval.py", inputs=["splits/wrist_test.csv", "splits/boneage_test.csv"],
+          outputs=["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/boneage_train.csv",
+                   "splits/split_report.md"]),
+    Stage("03", "03_train_age.py", distributed=True,
+          inputs=["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/wrist_test.csv"],
+          outputs=["age/best.pt", "age/predictions.csv", "age/metrics.json"]),
+    Stage("04", "04_train_fracture_ddp.py", distributed=True,
+          inputs=["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/wrist_test.csv",
+                  "age/predictions.csv"],
+          outputs=["fracture/summary.csv", "fracture/test_predictions.csv"]),
+    Stage("05", "05_train_boneage.py", distributed=True,
+          inputs=["splits/boneage_train.csv", "splits/boneage_val.csv", "splits/boneage_test.csv"],
+          outputs=["boneage/best.pt", "boneage/metrics.json", "boneage/predictions.csv"]),
+    Stage("06", "06_gradcam.py", inputs=["fracture/summary.csv", "fracture/test_predictions.csv"],
+          outputs=["gradcam/index.csv"]),
+]
+STAGE_NAMES = [stage.name for stage in STAGES]
+PRETRAINED_FILES = {"03": "age", "04": "fracture", "05": "boneage"}
+
+
+def parse_args(argv=None):
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--from", dest="first", choices=STAGE_NAMES, help="start at this stage")
+    parser.add_argument("--to", dest="last", choices=STAGE_NAMES, help="stop after this stage")
+    parser.add_argument("--only", choices=STAGE_NAMES, help="run just this stage")
+    parser.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    parser.add_argument("--extra", action="append", default=[], metavar="STAGE=FLAGS",
+                        help='extra flags for one stage, e.g. "04=--epochs 5 --compile" (repeatable)')
+    parser.add_argument("--pretrained-dir", type=Path,
+                        help="folder with age.*, fracture.*, boneage.* weight files for 03/04/05")
+    distributed = parser.add_argument_group("torchrun (stages 03, 04, 05)")
+    distributed.add_argument("--nproc-per-node", type=int, help="processes per node "
+                             "(default: visible GPUs, or 1 on CPU)")
+    distributed.add_argument("--nnodes", type=int, default=1, help="number of nodes (default: 1)")
+    distributed.add_argument("--node-rank", type=int, default=0, help="this node's rank (default: 0)")
+    distributed.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)")
+    distributed.add_argument("--max-restarts", type=int, default=0,
+                             help="let torchrun restart crashed workers; they resume from last.pt")
+    args = parser.parse_args(argv)
+    args.on_demo = args.data is None and args.boneage_data is None
+    common.resolve_common_args(args)
+    args.extra = _parse_extra(parser, args.extra)
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    common.ensure_writable_dir(args.out)
+    commands = []
+    if args.on_demo and not (args.only or args.first):
+        commands.append(_run([sys.executable, str(common.ROOT / "data" / "make_demo.py")], "demo data"))
+    for stage in _selected(args):
+        command = _command(stage, args)
+        manifest = args.out / "manifests" / f"{stage.name}.json"
+        fingerprint = _fingerprint(stage, command, args)
+        if not args.force and _up_to_date(stage, manifest, fingerprint, args.out):
+            print(f"[{stage.name}] up to date, skipped (--force reruns it)", flush=True)
+            commands.append(shlex.join(command))
+            continue
+        commands.append(_run(command, f"stage {stage.name}"))
+        common.write_json({"fingerprint": fingerprint, "command": shlex.join(command),
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, manifest)
+    report = common.write_report(args.out, commands)
+    print(f"done in {time.perf_counter() - started:.0f} s; read {report}", flush=True)
+
+
+def _parse_extra(parser, items: list[str]) -> dict[str, list[str]]:
+    extra: dict[str, list[str]] = {}
+    for item in items:
+        name, _, flags = item.partition("=")
+        if name not in STAGE_NAMES or not flags:
+            parser.error(f'--extra {item!r}: write it as STAGE=FLAGS, e.g. "04=--epochs 5"')
+        extra.setdefault(name, []).extend(shlex.split(flags))
+    return extra
+
+
+def _selected(args) -> list[Stage]:
+    if args.only:
+        return [s for s in STAGES if s.name == args.only]
+    first = STAGE_NAMES.index(args.first) if args.first else 0
+    last = STAGE_NAMES.index(args.last) if args.last else len(STAGES) - 1
+    return STAGES[first:last + 1]
+
+
+def _command(stage: Stage, args) -> list[str]:
+    """The exact command line for one stage (printed, so it can be copied and rerun by hand)."""
+    flags = ["--out", str(args.out), "--preset", args.preset, "--device", args.device,
+             "--seed", str(args.seed)]
+    if not args.on_demo:
+        flags += ["--data", str(args.data), "--boneage-data", str(args.boneage_data)]
+    if args.pretrained_dir and stage.name in PRETRAINED_FILES:
+        flags += ["--pretrained", str(_pretrained_file(args.pretrained_dir, PRETRAINED_FILES[stage.name]))]
+    flags += args.extra.get(stage.name, [])
+    script = str(common.ROOT / stage.script)
+    if not stage.distributed:
+        return [sys.executable, script, *flags]
+    launcher = [sys.executable, "-m", "torch.distributed.run",
+                "--nproc-per-node", str(args.nproc_per_node or _visible_gpus(args.device) or 1),
+                "--max-restarts", str(args.max_restarts)]
+    if args.nnodes > 1:
+        launcher += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
+                     "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint]
+    else:
+        launcher += ["--standalone"]  # a free local port: two runs on one machine do not collide
+    return [*launcher, script, *flags]
+
+
+def _visible_gpus(device: str) -> int:
+    if device == "cpu":
+        return 0
+    import torch
+    return torch.cuda.device_count()
+
+
+def _pretrained_file(folder: Path, stem: str) -> Path:
+    matches = sorted(p for p in Path(folder).glob(f"{stem}.*") if p.suffix in (".safetensors", ".pth", ".bin", ".pt"))
+    if not matches:
+        raise common.InputError(f"{folder}: no {stem}.safetensors/.pth weights file for this stage; "
+                                "name the files age.*, fracture.*, boneage.*")
+    return matches[0]
+
+
+def _fingerprint(stage: Stage, command: list[str], args) -> str:
+    """Hash of the stage's command-line settings, its inputs' contents and its code."""
+    digest = hashlib.sha256()
+    settings = [c for c in command if not c.startswith("--standalone")]
+    digest.update(json.dumps(settings[settings.index(str(common.ROOT / stage.script)):]).encode())
+    sources = [args.out / name for name in stage.inputs]
+    if stage.name == "01":
+        sources += [args.data / "dataset.csv", common.find_boneage_csv(args.boneage_data)]
+    for path in [*sources, common.ROOT / stage.script, common.ROOT / "common.py"]:
+        digest.update(str(path).encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def _up_to_date(stage: Stage, manifest: Path, fingerprint: str, out: Path) -> bool:
+    if not manifest.is_file() or not all((out / name).is_file() for name in stage.outputs):
+        return False
+    return common.read_json(manifest).get("fingerprint") == fingerprint
+
+
+def _run(command: list[str], label: str) -> str:
+    line = shlex.join(command)
+    print(f"\n[{label}] $ {line}", flush=True)
+    started = time.perf_counter()
+    try:
+        code = subprocess.call(command, cwd=common.ROOT)
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted during {label}; rerun the same command to resume")
+    if code != 0:
+        sys.exit(f"error: {label} failed (exit status {code}); fix the problem it reported above, "
+                 "then rerun the same command: finished stages are skipped and training resumes")
+    print(f"[{label}] finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return line
+
+
+if __name__ == "__main__":
+    main()
