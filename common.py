@@ -853,7 +853,10 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str
     if pretrained is None:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained == "download":
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _can_reach("huggingface.co")
         try:
+            if offline:
+                raise ConnectionError("no connection to huggingface.co")
             return timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
         except Exception as error:  # offline: huggingface_hub/urllib raise many error types
             raise InputError(f"--pretrained download: could not fetch weights for {arch} "
@@ -867,6 +870,15 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str
                          "weights (.safetensors or .pth) on an online machine and give the local path")
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
                              num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _torch_modules():

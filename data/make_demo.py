@@ -379,16 +379,26 @@ def boneage_tasks(table, root, seed):
 
 
 def draw_all(tasks, workers):
-    if workers <= 1:
-        for task in tasks:
-            draw_and_save(task)
+    """Draw every image, split over forked processes (nothing is pickled, so this also works when
+    the file is loaded by path, as the tests do). Without fork, draw in this process."""
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        draw_share(tasks)
         return
-    # fork where available: no re-import of this file, which tests load by path.
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        for _ in pool.imap_unordered(draw_and_save, tasks, chunksize=32):
-            pass
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=draw_share, args=(tasks[i::workers], True)) for i in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    if any(process.exitcode for process in processes):
+        raise RuntimeError("a drawing process failed (see its traceback above); nothing was marked complete")
+
+
+def draw_share(tasks, in_child=False):
+    if in_child:
+        cv2.setNumThreads(1)  # one core per process: the processes already use all of them
+    for task in tasks:
+        draw_and_save(task)
 
 
 def draw_and_save(task):
