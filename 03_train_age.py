@@ -46,7 +46,7 @@ def main(argv=None):
     names = common.age_group_names(edges)
     frames = {split: common.read_split(args.out, "wrist", split) for split in ("train", "val", "test")}
     common.assert_no_patient_leak(frames)
-    common.check_architecture(args.arch)
+    common.check_training_args(args)
     info = common.setup_distributed(args.device)
     try:
         common.seed_everything(args.seed)

@@ -71,7 +71,7 @@ def main(argv=None):
     edges = common.read_age_edges(args.out)
     frames = _read_routed_splits(args)
     common.assert_no_patient_leak(frames)
-    common.check_architecture(args.arch)
+    common.check_training_args(args)
     mlflow = _start_mlflow(args) if args.mlflow else None
     groups = [int(g) for g in args.groups.split(",")] if args.groups else list(range(len(edges) + 1))
     info = common.setup_distributed(args.device)

@@ -840,6 +840,19 @@ def check_architecture(arch: str) -> None:
         raise InputError(f"--arch {arch}: not a timm architecture{hint}")
 
 
+def check_training_args(args: argparse.Namespace) -> None:
+    """Fail before any work (and before the process group starts) on a bad arch, device or weights path."""
+    check_architecture(args.arch)
+    resolve_device(args.device)
+    _check_weights_file(args.pretrained, args.arch)
+
+
+def _check_weights_file(pretrained: str | None, arch: str) -> None:
+    if pretrained not in (None, "download") and not Path(pretrained).is_file():
+        raise InputError(f"--pretrained {pretrained}: weights file not found; download the {arch} "
+                         "weights (.safetensors or .pth) on an online machine and give the local path")
+
+
 def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
                  **kwargs):
     """A timm model with `num_classes` outputs on `in_chans`-channel (grey) input.
@@ -864,11 +877,8 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str
                              f"`python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"`, "
                              "copy the .safetensors file from the Hugging Face cache, and pass "
                              "--pretrained PATH") from None
-    path = Path(pretrained)
-    if not path.is_file():
-        raise InputError(f"--pretrained {path}: weights file not found; download the {arch} "
-                         "weights (.safetensors or .pth) on an online machine and give the local path")
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+    _check_weights_file(pretrained, arch)
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)},
                              num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 

@@ -463,12 +463,14 @@ def view_anatomy(projection):
 
 
 def growth_scale(maturity):
-    """Linear size of the wrist and hand relative to an adult: ~0.5 at birth, 0.84 at 10, 1 at 17."""
-    return 0.5 + 0.5 * (np.clip(maturity, 0, 17) / 17) ** 0.75
+    """Linear size of the wrist and hand relative to an adult: 0.42 at birth, 0.62 at 5, 0.77 at 10,
+    0.89 at 14, 1 at 18. Bones keep growing through puberty, which separates teenagers from children."""
+    return 0.42 + 0.58 * (float(np.clip(maturity, 0, 18)) / 18) ** 0.85
 
 
 def bone_density(maturity):
-    return 0.65 + 0.35 * min(maturity / 14, 1.0)
+    """Mineralisation rises through childhood: young bones look fainter against soft tissue."""
+    return 0.6 + 0.4 * min(maturity / 17, 1.0)
 
 
 def epiphysis_size(maturity, onset, full_after=8.0):
@@ -617,13 +619,13 @@ def blob_extent(center, half_w, half_h):
 def draw_wrist(task):
     rng = np.random.default_rng(task["image_seed"])
     patient = np.random.default_rng(task["patient_seed"])  # same person, same bones in every view
-    size_factor, fracture_draws = patient.uniform(0.93, 1.07), patient.random(8)
+    size_factor, fracture_draws = patient.uniform(0.95, 1.05), patient.random(8)
     maturity = task["age"] * (1.08 if task["girl"] else 1.0)  # girls' physes close ~1 y earlier
     view = view_anatomy(task["projection"])
 
     height = int(rng.integers(320, 401))
     width = int(round(height * rng.uniform(0.46, 0.54)))
-    scale = width / 180 * growth_scale(maturity) * size_factor * rng.uniform(0.96, 1.04)
+    scale = width / 180 * growth_scale(maturity) * size_factor * rng.uniform(0.97, 1.03)
     frame = Frame(height, width, (width * rng.uniform(0.44, 0.56), height * rng.uniform(0.36, 0.46)),
                   scale, rng.uniform(-8, 8))
 
@@ -689,11 +691,12 @@ def draw_soft_tissue(layer, frame, view):
 def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
     """Shaft, metaphyseal flare, growth plate and epiphysis of the radius or ulna, and a fracture."""
     (start, end, (r_shaft, r_flare, r_end), tilt) = geometry
-    onset, closes_from, closed_at = (1.0, 14.5, 17.0) if name == "radius" else (6.0, 15.0, 17.5)
+    onset, closes_from, closed_at = (1.0, 14.0, 16.5) if name == "radius" else (6.0, 14.5, 17.0)
     axis = (end - start) / np.linalg.norm(end - start)
     normal = np.array([-axis[1], axis[0]])
-    # The open growth plate is cartilage: a dark band ~6 px wide whatever the child's size.
-    physis = physis_width(maturity, closes_from, closed_at, 6.0 / frame.k)
+    # The open growth plate is cartilage: a dark band ~8 px wide whatever the child's size, so it
+    # survives downscaling to ~2 px.
+    physis = physis_width(maturity, closes_from, closed_at, 8.0 / frame.k)
     size = epiphysis_size(maturity, onset)
     metaphysis_end = end - axis * physis
     flare_start = start + axis * (np.dot(np.array([0, -50.0]) - start, axis))
@@ -702,7 +705,7 @@ def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
 
     # Pieces proximal to the fracture stay put; the distal fragment (and the epiphysis) moves.
     nodes = [(start, r_shaft), (flare_start, r_flare), (metaphysis_end, r_end)]
-    motion = None
+    motion, r_break = None, None
     if fracture:
         t_nodes = [np.dot(p - start, axis) for p, _ in nodes]
         t_break = min(np.dot(break_point - start, axis), t_nodes[-1] - 4)  # never inside the growth plate
@@ -715,6 +718,10 @@ def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
     for (p0, r0), (p1, r1) in zip(nodes[:-1], nodes[1:]):
         distal = fracture is not None and np.dot(p0 - break_point, axis) >= -1e-6
         paint(bone, frame, [p0, p1], max(r0, r1), rod(p0, p1, r0, r1, cortex), motion=motion if distal else None)
+    if physis > 0 and size > 0:  # the dense zone of provisional calcification lines an open physis
+        line = metaphysis_end - axis * 1.5
+        paint(bone, frame, blob_extent(line, r_end, 2), 0,
+              blob(line, r_end * 0.95, 1.8, tilt * 0.5, squareness=6, depth=0.25 * r_end), combine="add", motion=motion)
     if size > 0:
         height = (5 + 9 * size) if name == "radius" else (4 + 6 * size)
         center = end + axis * (height / 2) + normal * (0.0 if name == "radius" else 1.0)
@@ -722,7 +729,6 @@ def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
               blob(center, r_end * 1.05 * size, height / 2, tilt, squareness=4, depth=0.55 * r_end * size), motion=motion)
     if fracture:
         cut_fracture_gap(bone, frame, break_point, axis, max(r_flare, r_end) + 4, fracture)
-        r_break = nodes[[tuple(p) for p, _ in nodes].index(tuple(break_point))][1]
         for side in (-1, 1):  # the cortex buckles next to the break, as in a torus fracture
             bump = break_point - axis * (fracture["gap_px"] / frame.k) + normal * side * r_break
             paint(bone, frame, blob_extent(bump, 4, 4), 0, blob(bump, 3.5, 4.5, depth=5.0), combine="add")
