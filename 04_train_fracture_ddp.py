@@ -257,6 +257,8 @@ def _write_summary(out_dir, test, test_probs, rows, args) -> None:
                      "pos_test": int(studies["label"].sum()), "test_auc": auc,
                      "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": ""})
     summary = pd.DataFrame(rows)
+    integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
+    summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
     common.write_csv(summary, out_dir / "summary.csv")
     shown = summary[[c for c in ("kind", "projection", "age_group", "status", "n_test", "test_auc",
                                  "test_auc_ci_low", "test_auc_ci_high", "reason") if c in summary]]

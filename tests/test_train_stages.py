@@ -67,7 +67,7 @@ def test_fracture_stage_outputs_and_skips(split_out):
     trained = models[models["status"] == "trained"]
     assert len(trained) >= 4
     for row in trained.itertuples():
-        folder = out / "fracture" / row.projection / f"group{row.age_group}"
+        folder = out / "fracture" / row.projection / f"group{int(row.age_group)}"
         for name in ("best.pt", "last.pt", "history.csv", "metrics.json", "roc.png", "confusion.png"):
             assert (folder / name).is_file(), folder / name
         metrics = json.loads((folder / "metrics.json").read_text())
