@@ -100,7 +100,7 @@ def main(argv=None):
     total_rows = len(wrist) + sum(excluded.values())
     common.log(f"wrist: {len(wrist)} images of {wrist['patient_id'].nunique()} patients kept; "
                f"{common.format_exclusions(excluded, total_rows)}")
-    wrist = sort_wrist(add_age_columns(wrist, args.age_edges))
+    wrist = common.sort_wrist(common.add_age_columns(wrist, args.age_edges))
 
     # The test set, drawn by whole patients. Every other image of a test patient is quarantined:
     # a model that saw the same child's other radiographs (the same bones, the same fracture a week
@@ -120,10 +120,10 @@ def main(argv=None):
     if args.boneage_test_csv is not None:
         boneage_test, boneage_excluded = common.read_boneage_metadata(args.boneage_test_csv)
         boneage_source, boneage_total = str(args.boneage_test_csv.resolve()), len(boneage_test)
-        boneage_test = add_boneage_bin(boneage_test)
+        boneage_test = common.add_boneage_bin(boneage_test)
     else:
         boneage, boneage_excluded = common.read_boneage_metadata(args.boneage_data)
-        boneage = add_boneage_bin(boneage)
+        boneage = common.add_boneage_bin(boneage)
         boneage_test = boneage[draw_boneage_test(boneage, args.boneage_test_fraction, args.seed)]
         boneage_source, boneage_total = "stratified draw", len(boneage)
     boneage_test = boneage_test.sort_values(["age_bin", "sex", "id"])
@@ -155,12 +155,6 @@ def main(argv=None):
                "age_groups.json, test_report.json")
 
 
-def add_age_columns(wrist: pd.DataFrame, edges) -> pd.DataFrame:
-    """age_group: the model's age group (common.age_group_of); age_bin: the whole year of age."""
-    wrist = wrist.copy()
-    wrist["age_group"] = common.age_group_of(wrist["age"], edges)
-    wrist["age_bin"] = np.floor(wrist["age"]).astype(int)
-    return wrist
 
 
 def draw_wrist_test(wrist: pd.DataFrame, per_cell: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
@@ -216,9 +210,6 @@ def draw_wrist_test(wrist: pd.DataFrame, per_cell: int, seed: int) -> tuple[np.n
     return wrist.index.isin(test_rows), cells
 
 
-def sort_wrist(frame: pd.DataFrame) -> pd.DataFrame:
-    """One fixed row order, so the same split is the same file, byte for byte."""
-    return frame.sort_values(["projection", "age_bin", "label", "filestem"])
 
 
 def format_shortfalls(cells: pd.DataFrame, per_cell: int) -> str:
@@ -234,11 +225,6 @@ def format_shortfalls(cells: pd.DataFrame, per_cell: int) -> str:
             f"in all); images filled per cell:\n{table.to_string()}")
 
 
-def add_boneage_bin(boneage: pd.DataFrame) -> pd.DataFrame:
-    """age_bin: whole years of bone age, the strata of the test draw and of 02's split."""
-    boneage = boneage.copy()
-    boneage["age_bin"] = np.floor(boneage["boneage"] / 12).astype(int)
-    return boneage
 
 
 def draw_boneage_test(boneage: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:

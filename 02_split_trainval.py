@@ -64,7 +64,7 @@ def main(argv=None):
     # The same rows 01 drew from: same folder, same filters.
     wrist, excluded = common.read_wrist_metadata(args.data, **test_report["filters"])
     check_test_rows_present(wrist_test, wrist, args.data)
-    wrist = sort_wrist(add_age_columns(wrist, edges))
+    wrist = common.sort_wrist(common.add_age_columns(wrist, edges))
 
     # Everyone who is neither a test patient nor quarantined, split by patient.
     held_out = pd.concat([wrist_test, quarantine])
@@ -76,8 +76,8 @@ def main(argv=None):
 
     # Bone age: every image outside the test set, one image per id.
     boneage, _ = common.read_boneage_metadata(args.boneage_data)
-    boneage = add_boneage_bin(boneage)
-    pool = sort_boneage(boneage[~boneage["id"].isin(boneage_test["id"])])
+    boneage = common.add_boneage_bin(boneage)
+    pool = common.sort_boneage(boneage[~boneage["id"].isin(boneage_test["id"])])
     boneage_strata = pool["age_bin"].astype(str) + "/" + pool["sex"]
     is_val = split_off_val(boneage_strata, None, args.val_fraction, args.seed, "bone-age")
     boneage_train, boneage_val = pool[~is_val], pool[is_val]
@@ -147,12 +147,6 @@ def check_test_rows_present(wrist_test: pd.DataFrame, wrist: pd.DataFrame, data:
                                 "the dataset changed since 01_split_test.py ran: rerun 01, then 02")
 
 
-def add_age_columns(wrist: pd.DataFrame, edges) -> pd.DataFrame:
-    """age_group: the model's age group (common.age_group_of); age_bin: the whole year of age."""
-    wrist = wrist.copy()
-    wrist["age_group"] = common.age_group_of(wrist["age"], edges)
-    wrist["age_bin"] = np.floor(wrist["age"]).astype(int)
-    return wrist
 
 
 def split_off_val(strata: pd.Series, groups: pd.Series | None, val_fraction: float, seed: int,
@@ -185,20 +179,10 @@ def split_off_val(strata: pd.Series, groups: pd.Series | None, val_fraction: flo
     return is_val
 
 
-def sort_wrist(frame: pd.DataFrame) -> pd.DataFrame:
-    """The row order of 01's CSVs, so the same split is the same file, byte for byte."""
-    return frame.sort_values(["projection", "age_bin", "label", "filestem"])
 
 
-def add_boneage_bin(boneage: pd.DataFrame) -> pd.DataFrame:
-    """age_bin: whole years of bone age, the strata of 01's test draw and of this split."""
-    boneage = boneage.copy()
-    boneage["age_bin"] = np.floor(boneage["boneage"] / 12).astype(int)
-    return boneage
 
 
-def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_values(["age_bin", "sex", "id"])
 
 
 def leak_check_line(wrist_overlap: dict[str, int], boneage_overlap: dict[str, int]) -> str:

@@ -501,6 +501,30 @@ def _fmt_years(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:g}"
 
 
+def add_age_columns(wrist: pd.DataFrame, edges: Sequence[float]) -> pd.DataFrame:
+    """age_group: the models' age group; age_bin: the whole year of age (the test-set cells)."""
+    wrist = wrist.copy()
+    wrist["age_group"] = age_group_of(wrist["age"], edges)
+    wrist["age_bin"] = np.floor(wrist["age"]).astype(int)
+    return wrist
+
+
+def add_boneage_bin(boneage: pd.DataFrame) -> pd.DataFrame:
+    """age_bin: whole years of bone age, the strata of the bone-age test draw and train/val split."""
+    boneage = boneage.copy()
+    boneage["age_bin"] = np.floor(boneage["boneage"] / 12).astype(int)
+    return boneage
+
+
+def sort_wrist(frame: pd.DataFrame) -> pd.DataFrame:
+    """One fixed row order for the wrist split CSVs: the same split is the same file, byte for byte."""
+    return frame.sort_values(["projection", "age_bin", "label", "filestem"])
+
+
+def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["age_bin", "sex", "id"])
+
+
 def age_groups_path(out: Path) -> Path:
     return Path(out) / "splits" / "age_groups.json"
 
