@@ -95,6 +95,7 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     common.ensure_writable_dir(args.out)
+    common.resolve_device(args.device)  # `--device cuda` without a GPU: one line now, not after 01/02
     commands = []
     if args.on_demo and not (args.only or args.first):
         commands.append(_run([sys.executable, str(common.ROOT / "data" / "make_demo.py")], "demo data"))
@@ -194,7 +195,9 @@ def _run(command: list[str], label: str) -> str:
     print(f"\n[{label}] $ {line}", flush=True)
     started = time.perf_counter()
     try:
-        code = subprocess.call(command, cwd=common.ROOT)
+        process = subprocess.Popen(command, cwd=common.ROOT, stderr=subprocess.PIPE, text=True, bufsize=1)
+        _relay_stderr(process.stderr)
+        code = process.wait()
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted during {label}; rerun the same command to resume")
     if code != 0:
@@ -202,6 +205,35 @@ def _run(command: list[str], label: str) -> str:
                  "then rerun the same command: finished stages are skipped and training resumes")
     print(f"[{label}] finished in {time.perf_counter() - started:.0f} s", flush=True)
     return line
+
+
+def _relay_stderr(stream) -> None:
+    """Pass a stage's stderr through, minus torchrun's own traceback when a worker fails.
+
+    The worker has already printed its one-line error; the launcher then adds a traceback of
+    torch/distributed/run.py and a failure box that only repeat it. A traceback from the stage's
+    own code (a real bug) is always shown.
+    """
+    block: list[str] = []
+    launcher_failed = False
+    for line in stream:
+        if launcher_failed:
+            continue
+        if block:
+            block.append(line)
+            if not line.startswith((" ", "\t")):  # the exception line closes a traceback
+                if any("torch/distributed/run.py" in entry or "elastic" in entry for entry in block):
+                    launcher_failed = True
+                else:
+                    sys.stderr.write("".join(block))
+                block = []
+        elif line.startswith("Traceback (most recent call last):"):
+            block = [line]
+        elif "torch/distributed/elastic" not in line:
+            sys.stderr.write(line)
+        sys.stderr.flush()
+    if block:
+        sys.stderr.write("".join(block))
 
 
 if __name__ == "__main__":

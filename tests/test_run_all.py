@@ -1,0 +1,163 @@
+"""run_all.py end to end on a small demo: every output, skip when up to date, bad input in one line."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+QUICK = ["--preset", "demo", "--device", "cpu",
+         "--extra", "01=--per-cell 2",
+         "--extra", "03=--epochs 1 --image-size 48",
+         "--extra", "04=--epochs 1 --image-size 48 --groups 1,2 --bootstrap 50",
+         "--extra", "05=--epochs 1 --image-size 48",
+         "--extra", "06=--max-per-model 2"]
+
+
+def run_all(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "run_all.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def data_flags(demo: Path) -> list[str]:
+    return ["--data", str(demo / "grazpedwri"), "--boneage-data", str(demo / "rsna_boneage")]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_all")
+    result = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_every_stage_output_and_the_report(finished_run):
+    out, result = finished_run
+    for name in ["splits/wrist_test.csv", "splits/wrist_train.csv", "splits/boneage_val.csv",
+                 "splits/split_report.md", "age/best.pt", "age/predictions.csv", "age/metrics.json",
+                 "fracture/summary.csv", "fracture/test_predictions.csv", "boneage/best.pt",
+                 "boneage/metrics.json", "boneage/predictions.csv", "boneage/scatter.png",
+                 "gradcam/index.csv", "REPORT.md"]:
+        assert (out / name).is_file(), name
+    report = (out / "REPORT.md").read_text()
+    for heading in ("## Data and splits", "## Age-group router (03)", "## Fracture models (04)",
+                    "## Bone age (05)", "## Grad-CAM++ (06)", "## Reproduce"):
+        assert heading in report
+    assert "leak check: PASS" in report
+    assert "torch.distributed.run" in report  # the exact commands are recorded
+    # every stage's command line is printed so it can be copied and rerun
+    assert result.stdout.count("$ ") >= 6
+
+
+def test_second_run_trains_nothing(finished_run, small_demo):
+    out, _ = finished_run
+    before = digest(out / "fracture")
+    start = time.perf_counter()
+    again = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
+    seconds = time.perf_counter() - start
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("up to date, skipped") == 6
+    assert "epoch" not in again.stdout
+    assert digest(out / "fracture") == before
+    assert seconds < 60, seconds
+
+
+def test_changed_settings_rerun_only_that_stage_and_later(finished_run, small_demo):
+    out, _ = finished_run
+    changed = [*QUICK[:-2], "--extra", "06=--max-per-model 1"]
+    result = run_all(*data_flags(small_demo), "--out", str(out), *changed)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("up to date, skipped") == 5
+    assert "[stage 06] $" in result.stdout
+
+
+def test_failed_stage_leaves_earlier_outputs_intact(finished_run, small_demo, tmp_path):
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = digest(copy / "splits")
+    result = run_all(*data_flags(small_demo), "--out", str(copy), *QUICK, "--only", "04",
+                     "--extra", "04=--arch convnextv9_huge")
+    assert_one_line_error(result, "not a timm architecture", "stage 04 failed")
+    assert digest(copy / "splits") == before
+    assert pd.read_csv(copy / "fracture" / "summary.csv").equals(pd.read_csv(out / "fracture" / "summary.csv"))
+
+
+def test_missing_data_folder(tmp_path):
+    result = run_all("--data", str(tmp_path / "nowhere"), "--boneage-data", str(tmp_path / "nowhere2"),
+                     "--out", str(tmp_path / "out"), "--preset", "demo")
+    assert_one_line_error(result, "not found")
+
+
+def test_dataset_csv_without_a_required_column(small_demo, tmp_path):
+    data = tmp_path / "graz"
+    shutil.copytree(small_demo / "grazpedwri", data)
+    frame = pd.read_csv(data / "dataset.csv", encoding="utf-8-sig", dtype=str)
+    frame.drop(columns=["fracture_visible"]).to_csv(data / "dataset.csv", index=False)
+    result = run_all("--data", str(data), "--boneage-data", str(small_demo / "rsna_boneage"),
+                     "--out", str(tmp_path / "out"), "--preset", "demo", "--only", "01")
+    assert_one_line_error(result, "fracture_visible", "dataset.csv")
+
+
+def test_every_image_missing(small_demo, tmp_path):
+    data = tmp_path / "graz"
+    data.mkdir()
+    shutil.copy(small_demo / "grazpedwri" / "dataset.csv", data / "dataset.csv")
+    result = run_all("--data", str(data), "--boneage-data", str(small_demo / "rsna_boneage"),
+                     "--out", str(tmp_path / "out"), "--preset", "demo", "--only", "01")
+    assert_one_line_error(result, "no images")
+
+
+def test_one_corrupt_png_is_a_counted_skip(small_demo, tmp_path):
+    data = tmp_path / "graz"
+    shutil.copytree(small_demo / "grazpedwri", data)
+    victim = sorted(data.rglob("*.png"))[0]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    flags = ["--data", str(data), "--boneage-data", str(small_demo / "rsna_boneage"), "--out", str(out),
+             "--preset", "demo", "--device", "cpu", "--to", "03", "--extra", "01=--per-cell 2",
+             "--extra", "03=--epochs 1 --image-size 48"]
+    result = run_all(*flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 unreadable image" in result.stdout + result.stderr
+    predictions = pd.read_csv(out / "age" / "predictions.csv", dtype={"filestem": str})
+    assert victim.stem not in set(predictions["filestem"])
+
+
+def test_cuda_without_a_gpu(small_demo, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_all(*data_flags(small_demo), "--out", str(tmp_path / "out"), "--preset", "demo",
+                     "--device", "cuda", "--extra", "01=--per-cell 2", "--to", "03")
+    assert_one_line_error(result, "no CUDA GPU")
+
+
+def test_unwritable_output_folder(small_demo, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_all(*data_flags(small_demo), "--out", str(blocker / "out"), "--preset", "demo")
+    assert_one_line_error(result, "cannot write there")
