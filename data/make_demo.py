@@ -20,18 +20,20 @@ rotated, exposed and noised per image):
   projection   AP: radius and ulna side by side under two rows of carpals and five rays.
                Lat: the forearm bones overlap into one broad shadow, the carpals pile up and the
                hand is a narrow outline with the thumb pointing forward. Oblique: half way.
-  age          bone size and density grow; the distal radius (from 1 y) and ulna (from 6 y)
-               epiphyses appear, widen and fuse: the dark growth-plate band closes at ~15-17 y;
-               carpals ossify one by one (none at birth, all eight by ~12 y). Girls mature earlier.
-  fracture     fracture_visible rows: a dark gap across the distal radius (or ulna / both bones,
-               following the AO code: epiphysis, metaphysis or diaphysis), with displacement and
-               angulation of the distal fragment; other rows keep an intact cortex.
+  age          bone size, density and cortex grow; the distal radius (from 1 y) and ulna (from
+               6 y) epiphyses appear and widen; the dark growth-plate band (~8 px) narrows from
+               14 y and is closed by ~16.5 y; carpals ossify one by one (none at birth, all eight
+               by ~12 y). Girls mature ~8% earlier.
+  fracture     fracture_visible rows: a dark gap (6-11 px) across the distal radius, or ulna, or
+               both, at the level the AO code names (epiphysis, metaphysis, diaphysis), with
+               displacement and angulation of the distal fragment, a buckled cortex and soft-tissue
+               swelling; fixed per patient and healing over follow-ups. Other rows: intact cortex.
   cast, metal  a faint broad plaster shell; a bright plate with screws or crossed K-wires.
   laterality   R images are the mirror image of L.
   bone age     hand maturity (size, epiphyses and their fusion, carpal count) is a smooth function
                of bone age times 1.12 for girls, so a model needs the sex input to read it exactly.
 
-Run (about 30 s on 2 cores for the defaults):
+Run (about 30 s on 2 idle cores for the defaults; ~310 MB):
   python data/make_demo.py                              # 900 patients (~3,000 wrist images), 1,600 hands
   python data/make_demo.py --force                      # regenerate even if the stamp matches
   python data/make_demo.py --wrist-patients 60 --boneage-images 60 --out /tmp/demo_small
@@ -40,6 +42,8 @@ Run (about 30 s on 2 cores for the defaults):
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import math
 import multiprocessing
@@ -54,7 +58,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-DEMO_VERSION = 1  # bump when the drawing or the metadata model changes: stale demo folders regenerate
+DEMO_VERSION = 2  # bump when the drawing or the metadata model changes: stale demo folders regenerate
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAMP_NAME = ".demo_stamp.json"
 WRIST_DIR, BONEAGE_DIR = "grazpedwri", "rsna_boneage"
@@ -104,7 +108,7 @@ UNCERTAIN_PROB = {"fracture": 0.008, "normal": 0.064}
 VISIBLE_PROB_BY_STUDY = [0.96, 0.95, 0.93]  # study 1, 2, 3+
 # Patient-level fracture probability = real image-level rate x this, because fractured patients
 # bring more follow-up images; tuned so the demo's image-level rate is ~2/3 as in the real file.
-PATIENT_FRACTURE_SCALE = 0.87
+PATIENT_FRACTURE_SCALE = 0.84
 # Most frequent AO codes of fractured images (real counts; 3 real rows join codes with commas).
 REAL_AO_CODES = {
     "23r-M/2.1": 3221, "23r-M/3.1; 23u-M/2.1": 1683, "23r-M/3.1; 23u-E/7": 1529, "23r-M/3.1": 1501,
@@ -115,7 +119,7 @@ REAL_AO_CODES = {
     "23u-M/2.1": 38, "72B(c)": 38, "23r-M/3.1; 23u-E/1": 34, "22-D/4.1": 31, "22u-D/2.1": 25,
 }
 AGFA_SHARE = 0.0055  # 112 of 20,327 images come from an Agfa device, with pixel spacing 0.143
-MIN_AGE_YEAR_SHARE = 0.016  # see sample_age()
+MIN_AGE_YEAR_SHARE = 0.02  # see sample_age()
 
 # ---- Figures measured once from the real RSNA Bone Age training labels (12,611 images) ----
 # boneage months: mean 127.3, sd 41.2, min 1, max 228; 54.2% boys (mean 135 vs 118 for girls).
@@ -285,7 +289,7 @@ def patient_rows(patient_id, n_patients, rng, other_gender=False):
 def sample_age(rng):
     """Age at the first study, in years with one decimal.
 
-    The real age histogram, with every one-year bin raised to at least 1.6% of patients: the split
+    The real age histogram, with every one-year bin raised to at least 2% of patients: the split
     stage stratifies its test set by 20 one-year bins, and the rare youngest and oldest bins must
     still hold patients of both classes in a 900-patient demo. The last bin is 19.0, the real maximum.
     """
@@ -379,26 +383,39 @@ def boneage_tasks(table, root, seed):
 
 
 def draw_all(tasks, workers):
-    """Draw every image, split over forked processes (nothing is pickled, so this also works when
-    the file is loaded by path, as the tests do). Without fork, draw in this process."""
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    """Draw every image in forked processes (nothing is pickled, so this also works when the file
+    is loaded by path, as the tests do). Without fork (Windows), draw in this process."""
+    if "fork" not in multiprocessing.get_all_start_methods():
         draw_share(tasks)
         return
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=draw_share, args=(tasks[i::workers], True)) for i in range(workers)]
+    processes = [context.Process(target=draw_share, args=(tasks[i::workers], True)) for i in range(max(workers, 1))]
     for process in processes:
         process.start()
     for process in processes:
         process.join()
     if any(process.exitcode for process in processes):
-        raise RuntimeError("a drawing process failed (see its traceback above); nothing was marked complete")
+        raise RuntimeError("a drawing process failed (see its traceback above); the demo was not marked complete")
 
 
 def draw_share(tasks, in_child=False):
     if in_child:
         cv2.setNumThreads(1)  # one core per process: the processes already use all of them
+        keep_freed_memory()
     for task in tasks:
         draw_and_save(task)
+
+
+def keep_freed_memory():
+    """Drawing allocates and frees hundreds of ~0.3 MB numpy temporaries per image; glibc returns
+    each one to the kernel (mmap/munmap) and the page faults cost a third of the run. Keep freed
+    memory in the heap instead. Only in the drawing processes; a no-op where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: serve blocks under 64 MB from the heap
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap
+    except (OSError, AttributeError):
+        pass
 
 
 def draw_and_save(task):
@@ -449,6 +466,7 @@ CARPAL_ONSET_YEARS = np.array([0.2, 0.4, 2.5, 3.5, 4.5, 5.0, 5.5, 9.5])  # ossif
 PHALANX_FRACTIONS = {"finger": (0.56, 0.34, 0.24), "thumb": (0.62, 0.46)}  # of the metacarpal length
 
 
+@functools.lru_cache(maxsize=None)
 def view_anatomy(projection):
     """AP (1), Lat (2) or an oblique (3) half way between them."""
     weight = {1: 0.0, 2: 1.0, 3: 0.5}[projection]
@@ -471,6 +489,11 @@ def growth_scale(maturity):
 def bone_density(maturity):
     """Mineralisation rises through childhood: young bones look fainter against soft tissue."""
     return 0.6 + 0.4 * min(maturity / 17, 1.0)
+
+
+def cortex_fraction(maturity):
+    """Cortical thickness as a fraction of the bone radius: thin in infants, thicker in teenagers."""
+    return 0.18 + 0.12 * min(maturity / 14, 1.0)
 
 
 def epiphysis_size(maturity, onset, full_after=8.0):
@@ -573,19 +596,21 @@ def rod(p0, p1, r0, r1, cortex=0.0, round_ends=False):
     def density(X, Y):
         dx, dy = X - x0, Y - y0
         along = dx * ax + dy * ay
-        clipped = np.clip(along, 0, length)
-        radius = r0 + (r1 - r0) * (clipped / length)
+        clipped = np.minimum(np.maximum(along, 0), length)
         if round_ends:
-            dist2 = (dx - clipped * ax) ** 2 + (dy - clipped * ay) ** 2
+            ex, ey = dx - clipped * ax, dy - clipped * ay
+            dist2 = ex * ex + ey * ey
         else:
-            dist2 = (dx * ay - dy * ax) ** 2
-        thick = np.sqrt(np.maximum(radius * radius - dist2, 0))
+            across = dx * ay - dy * ax
+            dist2 = across * across
+        radius2 = (r0 + (r1 - r0) / length * clipped) ** 2 if r1 != r0 else r0 * r0
+        thick = np.sqrt(np.maximum(radius2 - dist2, 0))
         if cortex:
-            inner = radius * (1 - cortex)
-            thick = thick - 0.8 * np.sqrt(np.maximum(inner * inner - dist2, 0))
+            inner = np.maximum(radius2 * (1 - cortex) ** 2 - dist2, 0)
+            thick -= 0.8 * np.sqrt(inner)
         if not round_ends:
-            thick = np.where((along >= 0) & (along <= length), thick, 0)
-        return thick.astype(np.float32)
+            thick *= along == clipped  # flat ends: nothing beyond either end
+        return thick
 
     return density
 
@@ -600,7 +625,7 @@ def blob(center, half_w, half_h, angle_deg=0.0, squareness=2.0, rim=0.0, depth=N
     def density(X, Y):
         dx, dy = X - cx, Y - cy
         u, v = (dx * c + dy * s) / half_w, (dy * c - dx * s) / half_h
-        q = np.abs(u) ** squareness + v * v
+        q = (u * u if squareness == 2 else np.abs(u) ** squareness) + v * v
         thick = np.sqrt(np.maximum(1 - q, 0))
         if rim:  # a cortical shell: the rim is denser than the spongy core
             thick = thick - rim * np.sqrt(np.maximum(1 - q / 0.6, 0))
@@ -629,21 +654,18 @@ def draw_wrist(task):
     frame = Frame(height, width, (width * rng.uniform(0.44, 0.56), height * rng.uniform(0.36, 0.46)),
                   scale, rng.uniform(-8, 8))
 
+    # Osteopenia: thinner, fainter bone.
     density = bone_density(maturity) * (0.72 if task["osteopenia"] else 1.0)
-    cortex = 0.18 + 0.12 * min(maturity / 14, 1) - (0.06 if task["osteopenia"] else 0)
-    fractures = plan_fractures(task, maturity, fracture_draws) if task["fracture"] else {}
+    cortex = cortex_fraction(maturity) - (0.06 if task["osteopenia"] else 0)
+    fractures = plan_fractures(task, fracture_draws) if task["fracture"] else {}
 
-    soft, bones, extra = frame.zeros(), frame.zeros(), frame.zeros()
-    draw_soft_tissue(soft, frame, view)
+    soft, bones = draw_skeleton(frame, view, maturity, cortex, fractures)
+    bones *= density
     if fractures:  # soft-tissue swelling around a fresh fracture, a real radiological sign
         swelling, half_w = (0.0, min(plan["level"] for plan in fractures.values())), view["forearm_soft"][2][1] + 5
         paint(soft, frame, blob_extent(swelling, half_w, 40), 0,
               blob(swelling, half_w, 40, depth=9.0 * max(0.3, 1.2 - 0.3 * task["study_number"])), combine="add")
-    for name in ("radius", "ulna"):
-        draw_forearm_bone(bones, frame, view[name], name, maturity, cortex, fractures.get(name))
-    draw_carpals(bones, frame, view, maturity)
-    draw_rays(bones, frame, view, maturity, cortex)
-    bones *= density
+    extra = frame.zeros()
     if task["cast"]:
         draw_cast(extra, frame, view, rng)
     if task["metal"]:
@@ -655,7 +677,18 @@ def draw_wrist(task):
     return np.ascontiguousarray(image[:, ::-1]) if task["side"] == "R" else image
 
 
-def plan_fractures(task, maturity, draws):
+def draw_skeleton(frame, view, maturity, cortex, fractures=None):
+    """Soft tissue and bone thickness maps of one wrist or hand (bones not yet scaled by density)."""
+    soft, bones = frame.zeros(), frame.zeros()
+    draw_soft_tissue(soft, frame, view)
+    for name in ("radius", "ulna"):
+        draw_forearm_bone(bones, frame, view[name], name, maturity, cortex, (fractures or {}).get(name))
+    draw_carpals(bones, frame, view, maturity)
+    draw_rays(bones, frame, view, maturity, cortex)
+    return soft, bones
+
+
+def plan_fractures(task, draws):
     """Where the bones break, from the AO code: 23/22 = distal forearm/shaft, r/u = radius/ulna
     (none = both), E/M/D = epiphysis, metaphysis, diaphysis. Fixed per patient, so AP and Lat
     of one study and the follow-ups show the same fracture; the gap narrows as it heals."""
@@ -875,16 +908,8 @@ def draw_hand(task):
     center = (width / 2 + 10 * scale + rng.uniform(-0.04, 0.04) * width,
               height / 2 + 135 * scale + rng.uniform(-0.04, 0.04) * height)  # where the wrist joint lands
     frame = Frame(height, width, center, scale, rng.uniform(-10, 10))
-    cortex = 0.18 + 0.12 * min(maturity / 14, 1)
-
-    soft, bones, extra = frame.zeros(), frame.zeros(), frame.zeros()
-    draw_soft_tissue(soft, frame, view)
-    for name in ("radius", "ulna"):
-        draw_forearm_bone(bones, frame, view[name], name, maturity, cortex, None)
-    draw_carpals(bones, frame, view, maturity)
-    draw_rays(bones, frame, view, maturity, cortex)
-    bones *= bone_density(maturity)
-    image = expose(soft, bones, extra, rng, noise=(0.01, 0.025))
+    soft, bones = draw_skeleton(frame, view, maturity, cortex_fraction(maturity))
+    image = expose(soft, bones * bone_density(maturity), frame.zeros(), rng, noise=(0.01, 0.025))
     return np.round(image * rng.uniform(215, 255)).astype(np.uint8)
 
 
