@@ -35,9 +35,10 @@ import pandas as pd
 import common
 
 PRESETS = {
-    # resnet10t learns the demo's cortical breaks within a CPU budget (PERFORMANCE.md); the full
-    # preset is the original ConvNeXtV2-L at 384 px.
-    "demo": {"arch": "resnet10t", "epochs": 12, "batch_size": 32, "lr": 2e-3, "patience": 4},
+    # timm's test_resnet (0.4 M parameters) learns the demo's cortical breaks at 64 px within a
+    # CPU budget (measured: val AUC 0.93 on the largest group in 10 epochs); ConvNeXt from scratch
+    # does not (PERFORMANCE.md). The full preset is the original ConvNeXtV2-L at 384 px.
+    "demo": {"arch": "test_resnet", "epochs": 10, "batch_size": 32, "lr": 3e-3, "patience": 4},
     "full": {"arch": "convnextv2_large.fcmae_ft_in22k_in1k_384", "epochs": 30, "batch_size": 32,
              "lr": 5e-5, "patience": 6},
 }

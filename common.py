@@ -47,7 +47,7 @@ DEFAULT_AGE_EDGES = (5.0, 10.0, 15.0)
 BONEAGE_MAX_MONTHS = 240.0
 
 # Input size per preset. 03 and 04 share the wrist size so they share one image cache.
-IMAGE_SIZE = {"demo": 96, "full": 384}
+IMAGE_SIZE = {"demo": 64, "full": 384}
 BONEAGE_IMAGE_SIZE = {"demo": 96, "full": 512}
 
 # Grey-level normalisation: the mean/std of ImageNet's luminance, because the full preset starts
