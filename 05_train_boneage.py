@@ -46,7 +46,7 @@ PRESETS = {
     # Demo: the same ConvNeXt family as the full preset, small enough to learn the demo hands
     # within ~3 minutes on two CPU cores (figures above). Full: ConvNeXt-Tiny with ImageNet
     # weights, as the 2025 sex-aware model (3.68 months on RSNA).
-    "demo": {"arch": "convnext_atto", "epochs": 12, "batch_size": 32, "lr": 2e-3, "patience": 5,
+    "demo": {"arch": "convnext_atto", "epochs": 10, "batch_size": 32, "lr": 2e-3, "patience": 5,
              "workers": 0},
     "full": {"arch": "convnext_tiny", "epochs": 40, "batch_size": 32, "lr": 1e-4, "patience": 5,
              "workers": 8},
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained", metavar="PATH|download",
                         help="ImageNet weights file for --arch, or 'download' (online machines "
                              "only) (default: none, random init)")
-    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 12 demo, 40 full)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 10 demo, 40 full)")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: 32)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 demo, 1e-4 full)")
     parser.add_argument("--patience", type=int,

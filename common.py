@@ -1572,6 +1572,8 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true, y_sc
     for _ in range(n_boot):
         chosen = rng.integers(0, len(unique), len(unique))
         rows = np.concatenate([members[g] for g in chosen])
+        if len(np.unique(y_true[rows])) < 2 and metric.__name__ == "roc_auc_score":
+            continue  # AUC is undefined on a resample with one class
         try:
             value = metric(y_true[rows], y_score[rows])
         except ValueError:
