@@ -62,7 +62,8 @@ def main(argv=None):
                                         compile=args.compile, monitor="accuracy", seed=args.seed)
         meta = {"kind": "classifier", "task": "age_group", "arch": args.arch, "num_classes": len(names),
                 "image_size": args.image_size, "age_edges": list(edges), "group_names": names,
-                "pretrained": args.pretrained, "settings": settings.identity()}
+                "pretrained": args.pretrained, "settings": settings.identity(),
+                "splits": common.split_fingerprint(frames, "filestem")}
 
         def evaluate(trained):
             probs = _predict_probs(trained, datasets["val"], args, info)

@@ -146,7 +146,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
             "image_size": args.image_size, "projection": projection, "age_group": group,
             "age_edges": list(edges), "route": args.route, "loss": args.loss,
             "sampler": args.sampler, "focal_alpha": alpha, "focal_gamma": args.gamma,
-            "pretrained": args.pretrained, "settings": settings.identity()}
+            "pretrained": args.pretrained, "settings": settings.identity(),
+            "splits": common.split_fingerprint(parts, "filestem")}
 
     def loss_fn(logits, batch):
         if args.loss == "focal":

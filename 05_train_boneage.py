@@ -19,10 +19,11 @@ device; validation, test and 07_predict see the same preprocessing (common.prepr
 the cache) and no augmentation. bf16 autocast on CUDA; plain fp32 on CPU.
 
 Presets: full = ConvNeXt-Tiny at 512 px, batch 32, lr 1e-4, up to 40 epochs; give it ImageNet
-weights with --pretrained. demo = ConvNeXt-Atto at 96 px from random init, 12 epochs. Measured
-on the default demo (1,147 train / 287 val / 166 test hands): ConvNeXt-Atto reached test MAE
-15.8 months against 35.7 for predicting the training mean, in about 250 s of one CPU core;
-resnet10t (--arch resnet10t, 14 epochs) reached 7.9 but took 450 s, beyond the demo's 3 minutes.
+weights with --pretrained. demo = ConvNeXt-Atto at 96 px from random init, 10 epochs. Measured on
+the default demo (1,149 train / 288 val / 163 test hands): test MAE 12.3 months against 35.1 for
+predicting the training mean, in 200 s of CPU time on one core. resnet10t (--arch resnet10t)
+learned more (7.9 against 35.7, 14 epochs) at 1.6x the CPU time per epoch, too slow for the
+demo's 3-minute budget.
 
 Run (after 01_split_test.py and 02_split_trainval.py with the same --out):
   python 05_train_boneage.py                                      # demo splits, demo preset, CPU
@@ -34,7 +35,6 @@ A run stopped part way (crash, preemption) resumes from last.pt when rerun with 
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -46,42 +46,20 @@ PRESETS = {
     # Demo: the same ConvNeXt family as the full preset, small enough to learn the demo hands
     # within ~3 minutes on two CPU cores (figures above). Full: ConvNeXt-Tiny with ImageNet
     # weights, as the 2025 sex-aware model (3.68 months on RSNA).
-    "demo": {"arch": "convnext_atto", "epochs": 10, "batch_size": 32, "lr": 2e-3, "patience": 5,
-             "workers": 0},
-    "full": {"arch": "convnext_tiny", "epochs": 40, "batch_size": 32, "lr": 1e-4, "patience": 5,
-             "workers": 8},
+    "demo": {"arch": "convnext_atto", "epochs": 10, "batch_size": 32, "lr": 2e-3, "patience": 5},
+    "full": {"arch": "convnext_tiny", "epochs": 40, "batch_size": 32, "lr": 1e-4, "patience": 5},
 }
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ["id", "boneage", "male", "image_path"]
 
 
 def parse_args(argv=None):
-    parser = common.make_parser(__doc__)
-    parser.add_argument("--arch", help="timm architecture (default: convnext_atto demo, convnext_tiny full)")
-    parser.add_argument("--pretrained", metavar="PATH|download",
-                        help="ImageNet weights file for --arch, or 'download' (online machines "
-                             "only) (default: none, random init)")
-    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 10 demo, 40 full)")
-    parser.add_argument("--batch-size", type=int, help="global batch size (default: 32)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 demo, 1e-4 full)")
-    parser.add_argument("--patience", type=int,
-                        help="epochs without a lower val MAE before stopping (default: 5)")
-    parser.add_argument("--image-size", type=int, help="input size in pixels (default: 96 demo, 512 full)")
-    parser.add_argument("--workers", type=int,
-                        help="loader processes per rank (default: 0 demo, 8 full)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    parser = common.add_training_args(common.make_parser(__doc__))
     args = common.resolve_common_args(parser.parse_args(argv))
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.image_size = args.image_size or common.BONEAGE_IMAGE_SIZE[args.preset]
+    common.apply_training_preset(args, PRESETS, common.BONEAGE_IMAGE_SIZE[args.preset])
     for flag in ("epochs", "batch_size", "patience", "image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
-    if args.pretrained not in (None, "download") and not Path(args.pretrained).is_file():
-        raise common.InputError(f"--pretrained {args.pretrained}: weights file not found; download "
-                                f"the {args.arch} weights (.safetensors or .pth) on an online "
-                                "machine and give the local path")
     return args
 
 
@@ -92,10 +70,10 @@ def main(argv=None):
     # same way instead of leaving the others waiting in a collective.
     frames = {split: read_boneage_split(args.out, split) for split in SPLITS}
     common.assert_no_patient_leak(frames, key="id")
-    common.check_architecture(args.arch)
+    common.check_training_args(args)
     if args.preset == "full" and args.pretrained is None:
-        common.log(f"note: {args.arch} starts from random weights; ConvNeXt needs ImageNet weights "
-                   "(--pretrained PATH) to learn bone age from a few thousand hands")
+        common.log(f"note: no --pretrained, so {args.arch} starts from random weights; from a few "
+                   "thousand hands it learns far less than from ImageNet weights (--pretrained PATH)")
     info = common.setup_distributed(args.device)
     try:
         common.seed_everything(args.seed)
@@ -119,13 +97,12 @@ def main(argv=None):
         # last.pt to be resumed (a changed split must not continue the old weights).
         meta = {"kind": "boneage", "arch": args.arch, "max_months": common.BONEAGE_MAX_MONTHS,
                 "image_size": args.image_size, "init_months": train_mean, "pretrained": args.pretrained,
-                "settings": settings.identity(), "splits": split_fingerprint(frames)}
+                "settings": settings.identity(), "splits": common.split_fingerprint(frames, "id")}
 
         def forward(model, images, batch):
             return model(images, batch["male"].to(info.device))
 
         def evaluate(trained):
-            recalibrate_batchnorm(trained, datasets["train"], forward, args, info)
             predicted = predict_months(trained, datasets["val"], forward, args, info)
             return {"mae": common.mean_absolute_error(frames["val"]["boneage"], predicted)}
 
@@ -171,10 +148,6 @@ def read_boneage_split(out: Path, split: str) -> pd.DataFrame:
     return frame
 
 
-def split_fingerprint(frames: dict[str, pd.DataFrame]) -> dict[str, str]:
-    """A short hash of each split's ids: resuming after 01/02 were rerun would mix two splits."""
-    return {split: hashlib.sha1(",".join(sorted(frame["id"].astype(str))).encode()).hexdigest()[:16]
-            for split, frame in frames.items()}
 
 
 def l1_loss(predicted_months, batch):
@@ -184,35 +157,6 @@ def l1_loss(predicted_months, batch):
     return F.l1_loss(predicted_months, batch["target"].float())
 
 
-def recalibrate_batchnorm(model, train_set, forward, args, info, max_images: int = 512) -> None:
-    """Re-estimate BatchNorm statistics on un-augmented training images (no-op without BatchNorm).
-
-    Why: BatchNorm's running statistics are collected on augmented training batches, but every
-    prediction is made on clean images. For a regression read from global bone density that
-    mismatch was measured as a systematic offset: on the demo, resnet10t's last epoch predicted
-    val +22.5 months too old (MAE 22.7) and 7.6 after this recalibration. The images are a seeded
-    draw, the same on every rank, so all ranks hold identical statistics without a collective.
-    """
-    import torch
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    draw = np.random.default_rng(args.seed).permutation(len(train_set))[:max_images]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, draw.tolist()),
-                                         batch_size=args.batch_size, drop_last=len(draw) > args.batch_size)
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a plain average over the batches below, not a moving one
-    model.train()
-    with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.bfloat16,
-                                         enabled=info.device.type == "cuda"):
-        for batch in loader:
-            forward(model, common.prepare_images(batch["image"], info.device, train=False,
-                                                 channels_last=info.device.type == "cuda"), batch)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.eval()
 
 
 def predict_months(model, dataset, forward, args, info) -> np.ndarray:

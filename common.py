@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -960,7 +960,7 @@ def build_boneage_model(arch: str, pretrained: str | None = None, max_months: fl
                         init_months: float | None = None, sex_dim: int = 16):
     """Backbone features -> GeM -> concat sex embedding -> MLP head -> sigmoid x max_months.
 
-    The sigmoid keeps every prediction inside (0, max_months). Sex enters as an embedding because
+    The sigmoid keeps every prediction within [0, max_months]. Sex enters as an embedding because
     bone maturation differs by sex: the same hand means a different bone age in a girl and a boy.
     init_months sets the head's bias so training starts from the training mean, not 120 months.
     """
@@ -1046,7 +1046,8 @@ def setup_distributed(device_choice: str = "auto") -> DistInfo:
     if device.type == "cpu":
         # torchrun's default of 1 thread per worker is right for N workers on N cores; a single
         # process may use them all.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        threads = os.environ.get("OMP_NUM_THREADS")
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // world_size))
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -1087,7 +1088,7 @@ def all_reduce_sum(values: Sequence[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def gather_rows(local: "torch.Tensor", device) -> "torch.Tensor":
+def gather_rows(local, device):
     """Concatenate equally-shaped per-rank tensors on every rank (rank order)."""
     import torch
     import torch.distributed as dist
@@ -1420,6 +1421,7 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
         if not audited:
             _write_sample_audit(run_dir, epoch, drawn, info, sampler)
             audited = True
+        recalibrate_batchnorm(model, train_set, forward, batch_size=batch, info=info, seed=settings.seed)
         val = evaluate(model)
         improved = early.update(val[settings.monitor], epoch)
         if improved:
@@ -1449,6 +1451,45 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
     if best_state is not None:
         model.load_state_dict(best_state)
     return {"best": {"epoch": early.best_epoch + 1, settings.monitor: early.best}, "history": history}
+
+
+def recalibrate_batchnorm(model, dataset, forward: Callable, *, batch_size: int, info: DistInfo,
+                          seed: int, max_images: int = 512) -> None:
+    """Re-estimate BatchNorm statistics on un-augmented training images (no-op without BatchNorm).
+
+    BatchNorm's running statistics are collected on augmented batches, but predictions are made
+    on clean images; the mismatch shifted a bone-age ResNet's validation predictions by +22.5
+    months (MAE 22.7 -> 7.6 after this). The draw is seeded and the same on every rank, so all
+    ranks end with identical statistics without a collective.
+    """
+    import torch
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    draw = np.random.default_rng(seed).permutation(len(dataset))[:max_images]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, draw.tolist()),
+                                         batch_size=batch_size, drop_last=len(draw) > batch_size)
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the batches below, not a moving one
+    model.train()
+    with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.bfloat16,
+                                         enabled=info.device.type == "cuda"):
+        for batch in loader:
+            forward(model, prepare_images(batch["image"], info.device, train=False,
+                                          channels_last=info.device.type == "cuda"), batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
+def split_fingerprint(frames: dict[str, pd.DataFrame], key: str) -> dict[str, str]:
+    """A short hash of each split's ids, kept in checkpoints: after 01/02 are rerun, a new split
+    must not resume weights that may have trained on images now in its test set."""
+    import hashlib
+    return {split: hashlib.sha1(",".join(sorted(frame[key].astype(str))).encode()).hexdigest()[:16]
+            for split, frame in frames.items()}
 
 
 def _make_optimizer(model, settings: TrainSettings, on_cuda: bool):

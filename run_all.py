@@ -19,7 +19,6 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shlex
