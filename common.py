@@ -1369,12 +1369,12 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
     # --batch-size is the GLOBAL batch: each of W ranks takes B/W of it, so 1 and N processes
     # step through the same batches with the same learning-rate schedule. Every batch is full
     # (a BatchNorm batch of one sample would fail) and every rank gets the same number of them.
-    batch = max(1, settings.batch_size // info.world_size)
+    rank_batch = max(1, settings.batch_size // info.world_size)
     per_rank = len(train_set) // info.world_size
-    per_rank = per_rank // batch * batch or per_rank
+    per_rank = per_rank // rank_batch * rank_batch or per_rank
     sampler = EpochSampler(train_labels, balanced=balanced, rank=info.rank, world_size=info.world_size,
                            seed=settings.seed, epoch_size=per_rank * info.world_size)
-    loader = make_loader(train_set, batch_size=batch, sampler=sampler,
+    loader = make_loader(train_set, batch_size=rank_batch, sampler=sampler,
                          workers=settings.workers, device=info.device)
     steps_per_epoch = max(1, len(loader))
     optimizer = _make_optimizer(model, settings, on_cuda)
@@ -1421,7 +1421,7 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
         if not audited:
             _write_sample_audit(run_dir, epoch, drawn, info, sampler)
             audited = True
-        recalibrate_batchnorm(model, train_set, forward, batch_size=batch, info=info, seed=settings.seed)
+        recalibrate_batchnorm(model, train_set, forward, batch_size=rank_batch, info=info, seed=settings.seed)
         val = evaluate(model)
         improved = early.update(val[settings.monitor], epoch)
         if improved:
