@@ -53,6 +53,11 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=["balanced", "none"], default="balanced",
                         help="balanced: half the draws from each class (default); none: plain shuffle")
     parser.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma (default: 2)")
+    # The youngest age group has a few dozen training images: one batch per epoch would mean a
+    # dozen optimizer steps in all. Cycling it (with fresh augmentation) gives it enough steps.
+    parser.add_argument("--min-epoch-samples", type=int, default=512,
+                        help="draws per epoch at least, cycling small groups (default: 512; 0 = "
+                             "exactly one pass over the training set)")
     parser.add_argument("--projections", default="AP,Lat", help="which projections (default: AP,Lat)")
     parser.add_argument("--groups", help="comma-separated age groups to train (default: all)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
@@ -141,7 +146,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
     alpha = 0.5 if args.sampler == "balanced" else 1.0 - prevalence
     settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     patience=args.patience, workers=args.workers,
-                                    compile=args.compile, monitor="auc", seed=args.seed)
+                                    compile=args.compile, monitor="auc", seed=args.seed,
+                                    min_epoch_samples=args.min_epoch_samples)
     meta = {"kind": "classifier", "task": "fracture", "arch": args.arch, "num_classes": 1,
             "image_size": args.image_size, "projection": projection, "age_group": group,
             "age_edges": list(edges), "route": args.route, "loss": args.loss,

@@ -1105,7 +1105,8 @@ class EpochSampler:
 
     balanced=True: half the epoch from each class (the minority class is cycled through random
     permutations, so an image repeats only once every other image of its class has been seen);
-    balanced=False: a random permutation of the whole set. The draw is seeded by (seed, epoch),
+    balanced=False: a random permutation of the whole set (cycled when epoch_size exceeds it,
+    so a small set still gets enough steps). The draw is seeded by (seed, epoch),
     identical on every rank; rank r takes positions r, r+W, r+2W, ..., so no two ranks train on
     the same draw and every rank has the same number of samples (hence the same batch count; the
     last few draws that do not divide by W are left out of that epoch).
@@ -1130,7 +1131,7 @@ class EpochSampler:
         rng = np.random.default_rng([self.seed, self.epoch])
         total = self.per_rank * self.world_size
         if not self.balanced:
-            return rng.permutation(len(self.labels))[:total]
+            return _cycled_permutation(np.arange(len(self.labels)), total, rng)
         classes = np.unique(self.labels)
         shares = [total // len(classes) + (1 if i < total % len(classes) else 0) for i in range(len(classes))]
         draws = [_cycled_permutation(np.flatnonzero(self.labels == c), n, rng) for c, n in zip(classes, shares)]
@@ -1285,6 +1286,7 @@ class TrainSettings:
     monitor: str = "auc"        # key of the dict the evaluate callback returns
     mode: str = "max"           # "max" for AUC/accuracy, "min" for MAE
     seed: int = 42
+    min_epoch_samples: int = 0  # small training sets are cycled up to this many draws per epoch
 
     def identity(self) -> dict:
         """The settings that change the result (not workers or compile): resume only if equal."""
@@ -1370,7 +1372,7 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
     # step through the same batches with the same learning-rate schedule. Every batch is full
     # (a BatchNorm batch of one sample would fail) and every rank gets the same number of them.
     rank_batch = max(1, settings.batch_size // info.world_size)
-    per_rank = len(train_set) // info.world_size
+    per_rank = max(len(train_set), settings.min_epoch_samples) // info.world_size
     per_rank = per_rank // rank_batch * rank_batch or per_rank
     sampler = EpochSampler(train_labels, balanced=balanced, rank=info.rank, world_size=info.world_size,
                            seed=settings.seed, epoch_size=per_rank * info.world_size)
