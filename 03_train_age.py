@@ -56,7 +56,7 @@ def main(argv=None):
                                                      target=frame["age_group"].to_numpy(np.int64))
                     for split, frame in frames.items()}
         model = common.create_model(args.arch, num_classes=len(names), pretrained=args.pretrained,
-                                    **_size_kwargs(args.arch, args.image_size))
+                                    image_size=args.image_size)
         settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         patience=args.patience, workers=args.workers,
                                         compile=args.compile, monitor="accuracy", seed=args.seed)
@@ -79,11 +79,6 @@ def main(argv=None):
             _write_outputs(out_dir, frames, probs, names, args)
     finally:
         common.cleanup_distributed()
-
-
-def _size_kwargs(arch: str, image_size: int) -> dict:
-    # Swin and ViT fix their input size at construction; CNNs take any size.
-    return {"img_size": image_size} if any(k in arch for k in ("swin", "vit", "deit")) else {}
 
 
 def _forward(model, images, batch):

@@ -141,7 +141,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
                                                  target=part["label"].to_numpy(np.float32))
                 for split, part in parts.items()}
     common.seed_everything(args.seed)
-    model = common.create_model(args.arch, num_classes=1, pretrained=args.pretrained)
+    model = common.create_model(args.arch, num_classes=1, pretrained=args.pretrained,
+                                image_size=args.image_size)
     prevalence = float(parts["train"]["label"].mean())
     alpha = 0.5 if args.sampler == "balanced" else 1.0 - prevalence
     settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -878,7 +878,7 @@ def _check_weights_file(pretrained: str | None, arch: str) -> None:
 
 
 def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
-                 **kwargs):
+                 image_size: int | None = None, **kwargs):
     """A timm model with `num_classes` outputs on `in_chans`-channel (grey) input.
 
     pretrained: None = random init (the demo); a path = weights from that local file (timm adapts
@@ -887,6 +887,8 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str
     """
     import timm
     check_architecture(arch)
+    if image_size and any(family in arch for family in ("swin", "vit", "deit")):
+        kwargs["img_size"] = image_size  # transformers fix their input size (and position tables)
     if pretrained is None:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained == "download":
@@ -1195,7 +1197,8 @@ def load_trained_model(path: Path, device="cpu"):
     if checkpoint.get("kind") == "boneage":
         model = build_boneage_model(checkpoint["arch"], max_months=checkpoint["max_months"])
     else:
-        model = create_model(checkpoint["arch"], num_classes=checkpoint["num_classes"])
+        model = create_model(checkpoint["arch"], num_classes=checkpoint["num_classes"],
+                             image_size=checkpoint.get("image_size"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint
 

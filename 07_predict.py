@@ -1,0 +1,436 @@
+"""Stage 07: fracture probability (and optionally bone age) for new radiographs: what a hospital runs.
+
+INPUT is any mix of
+  a folder      every .png/.jpg/.jpeg/.dcm under it, recursively (and extension-less DICOM files)
+  a CSV         column `path` (or `image_path`); optional `projection` (AP/Lat), `age` (years),
+                `sex` (M/F) and `study_id`; relative paths are read from the CSV's folder
+  image files   PNG/JPEG (8 or 16 bit) or DICOM
+
+Each image gets
+  its projection  from the CSV, else the DICOM's ViewPosition, else --projection
+  its age group   from its age (CSV, else the DICOM's PatientAge, else --age) with the age edges
+                  stored in the models; with no age, predicted by the age router of 03
+  a fracture probability from the model 04 trained for that projection and age group, and a 0/1
+                  prediction at that model's threshold (chosen on validation in 04).
+The image is preprocessed exactly as in training (common.preprocess_image at the model's size).
+An image that cannot be used (missing, unreadable, no projection, no model for its group) is a
+counted skip with its reason, never a crash.
+
+Study rows (when the CSV has study_id): fracture_prob is the MAX over the study's images (the
+score 04 evaluates studies by), and fracture_pred is 1 when ANY of its images is predicted
+positive at its own model's threshold: AP and Lat models have different thresholds, and a fracture
+seen in one projection is a fracture of the study.
+
+Nothing identifying is written: no names, IDs or birth dates, and of the DICOM header only the
+view, age and sex are read (to choose the model), none of them copied to the outputs.
+
+Reads   MODELS/fracture/{AP,Lat}/group{g}/best.pt (04); MODELS/age/best.pt (03, for images
+        without an age); MODELS/boneage/best.pt (05, with --boneage)
+Writes  OUT/predictions.csv  level (image/study), input_path, study_id, projection,
+                             projection_source (csv/dicom/flag), age_group, age_group_name,
+                             age_group_source (given/predicted), fracture_prob, fracture_pred,
+                             threshold, model, n_images; bone_age_months (--boneage); cam_path (--cam)
+        OUT/skipped.csv      input_path, reason, detail: every image left out and why
+        OUT/gradcam/         Grad-CAM++ overlays (--cam), drawn as in 06_gradcam.py
+        OUT/config.json
+
+Run:
+  python 07_predict.py new_images/                        # models from outputs/, CSV to outputs/predictions/
+  python 07_predict.py worklist.csv --models /srv/wrist_models --out results/
+  python 07_predict.py scan.dcm --age 11 --cam --device cpu
+  python 07_predict.py hands/ --projection AP --sex F --boneage
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import common
+
+PROJECTION_VALUES = {"ap": "AP", "pa": "AP", "frontal": "AP", "1": "AP",
+                     "lat": "Lat", "lateral": "Lat", "ll": "Lat", "rl": "Lat", "2": "Lat"}
+SEX_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+IMAGE_PROBLEMS = ("file not found", "unreadable image")  # no task can use these images
+SKIPS_SHOWN = 20
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                        help="folders, CSV files or image files (PNG/JPEG/DICOM)")
+    parser.add_argument("--projection", choices=["AP", "Lat"],
+                        help="projection of images whose CSV row or DICOM gives none (default: none: skip them)")
+    parser.add_argument("--age", type=float, help="age in years of images with no age of their own "
+                                                  "(default: predict the age group with the router)")
+    parser.add_argument("--sex", choices=["M", "F"], help="sex of images with no sex of their own "
+                                                          "(needed by --boneage)")
+    parser.add_argument("--models", type=Path, default=common.DEFAULT_OUT,
+                        help="the outputs folder where 03/04/05 wrote their checkpoints (default: outputs/)")
+    parser.add_argument("--out", type=Path, help="where to write predictions.csv (default: MODELS/predictions/)")
+    parser.add_argument("--boneage", action="store_true", help="also predict bone age (hand radiographs; needs sex)")
+    parser.add_argument("--cam", action="store_true", help="also write Grad-CAM++ overlays")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to run (default: auto = CUDA if visible)")
+    args = parser.parse_args(argv)
+    if args.age is not None and not 0 <= args.age < 30:
+        parser.error(f"--age {args.age:g}: give the age in years (0 to 30)")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    args.out = args.out or args.models / "predictions"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    gradcam = importlib.import_module("06_gradcam")  # shared model lookup and Grad-CAM++ drawing
+    fracture_models = gradcam.fracture_models(args.models / "fracture")
+    if not fracture_models:
+        raise common.InputError(f"{args.models / 'fracture'}: no trained fracture model (best.pt); pass "
+                                "--models with the outputs folder of 04_train_fracture_ddp.py, or run it first")
+    edges = _age_edges(fracture_models)
+    boneage_path = args.models / "boneage" / "best.pt"
+    if args.boneage and not boneage_path.is_file():
+        raise common.InputError(f"{boneage_path}: not found; --boneage needs the bone-age model: run "
+                                "05_train_boneage.py with --out set to the --models folder")
+    out_dir = common.ensure_writable_dir(args.out)
+    device = common.resolve_device(args.device)
+
+    images = collect_inputs(args.inputs)
+    common.log(f"07: {len(images)} input images; models from {args.models}")
+    resolve_metadata(images, args)
+    assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
+    predict_fractures(images, fracture_models, edges, args, device, out_dir, gradcam if args.cam else None)
+    if args.boneage:
+        predict_bone_age(images, boneage_path, args, device)
+
+    predicted = images["fracture_prob"].notna()
+    if args.boneage:
+        predicted |= images["bone_age_months"].notna()
+    table = pd.concat([_image_rows(images[predicted], edges, args), _study_rows(images[predicted])],
+                      ignore_index=True).reindex(columns=_output_columns(args))
+    common.write_csv(table, out_dir / "predictions.csv")
+    skipped = _skip_table(images)
+    common.write_csv(skipped, out_dir / "skipped.csv")
+    common.write_run_config(out_dir, args, models=str(args.models.resolve()))
+    _print_summary(table, skipped, out_dir)
+    return table
+
+
+def _age_edges(fracture_models: dict) -> tuple[float, ...]:
+    """The age edges the fracture models were trained with (each checks it agrees when loaded)."""
+    checkpoint = common.load_checkpoint(next(iter(fracture_models.values())))
+    return tuple(float(e) for e in checkpoint["age_edges"])
+
+
+def collect_inputs(inputs: list[Path]) -> pd.DataFrame:
+    """One row per image: input_path as given, path to read, and the CSV's own values (or None)."""
+    rows = []
+    for item in inputs:
+        if item.is_dir():
+            rows += [{"input_path": str(path)} for path in _images_under(item)]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            rows += _rows_from_csv(item)
+        elif item.is_file():
+            rows.append({"input_path": str(item)})
+        else:
+            raise common.InputError(f"{item}: no such folder, CSV or image file")
+    if not rows:
+        raise common.InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
+    frame = pd.DataFrame(rows, columns=["input_path", "path", "study_id", "csv_projection", "csv_age", "csv_sex"])
+    frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            path = Path(parent) / name
+            if name.startswith("."):
+                continue
+            # Hospital exports often name DICOM files without an extension (IM000001).
+            if path.suffix.lower() in common.IMAGE_SUFFIXES or (not path.suffix and common.is_dicom(path)):
+                found.append(path)
+    return sorted(found)
+
+
+def _rows_from_csv(csv_path: Path) -> list[dict]:
+    try:
+        table = pd.read_csv(csv_path, dtype=str, encoding="utf-8-sig", keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise common.InputError(f"{csv_path}: not a readable CSV ({error})") from None
+    table.columns = [c.strip().lower() for c in table.columns]
+    path_column = next((c for c in ("path", "image_path") if c in table.columns), None)
+    if path_column is None:
+        raise common.InputError(f"{csv_path}: no `path` (or `image_path`) column; the CSV needs one "
+                                "image path per row, plus optional projection, age, sex, study_id")
+    rows = []
+    for record in table.to_dict("records"):
+        given = record[path_column].strip()
+        if not given:
+            continue
+        path = Path(given) if Path(given).is_absolute() else csv_path.parent / given
+        rows.append({"input_path": given, "path": str(path),
+                     "study_id": record.get("study_id", "").strip() or None,
+                     "csv_projection": record.get("projection", "").strip() or None,
+                     "csv_age": record.get("age", "").strip() or None,
+                     "csv_sex": record.get("sex", "").strip() or None})
+    return rows
+
+
+def resolve_metadata(images: pd.DataFrame, args) -> None:
+    """Projection, age and sex of each image: its CSV row, else its DICOM header, else the flags."""
+    for column in ("projection", "projection_source", "age", "sex", "skip_reason", "skip_detail"):
+        images[column] = None
+    for index, row in common.progress(images.iterrows(), total=len(images), desc="read headers", unit="img"):
+        path = row["path"]
+        if not path.is_file():
+            _skip(images, index, "file not found", str(path))
+            continue
+        tags = {}
+        if common.is_dicom(path):
+            try:
+                tags = common.read_dicom_tags(path)
+            except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a bad file
+                _skip(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
+                continue
+        csv_projection, csv_age, csv_sex = row["csv_projection"], row["csv_age"], row["csv_sex"]
+        if csv_projection is not None and csv_projection.lower() not in PROJECTION_VALUES:
+            _skip(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
+            continue
+        if csv_age is not None and not _is_age(csv_age):
+            _skip(images, index, "age not a number of years", f"CSV age {csv_age!r}")
+            continue
+        images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
+            csv_projection and PROJECTION_VALUES[csv_projection.lower()], tags.get("projection"), args.projection)
+        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), args.age)
+        images.at[index, "sex"], _ = _first_given(csv_sex and SEX_VALUES.get(csv_sex.lower()),
+                                                  tags.get("sex"), args.sex)
+        if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
+            _skip(images, index, "no projection", "give a projection column, --projection, or a "
+                                                  "DICOM with ViewPosition")
+
+
+def _first_given(csv_value, dicom_value, flag_value) -> tuple:
+    """(value, where it came from): the image's own value wins; a flag only fills a gap."""
+    for value, source in ((csv_value, "csv"), (dicom_value, "dicom"), (flag_value, "flag")):
+        if value is not None:
+            return value, source
+    return None, None
+
+
+def _is_age(text: str) -> bool:
+    try:
+        return 0 <= float(text) < 30
+    except ValueError:
+        return False
+
+
+def _skip(images: pd.DataFrame, index, reason: str, detail: str) -> None:
+    """Record why an image gets no fracture prediction (the first reason found is kept)."""
+    if images.at[index, "skip_reason"] is None:
+        images.at[index, "skip_reason"] = reason
+        images.at[index, "skip_detail"] = " ".join(str(detail).split())  # one line
+
+
+def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -> None:
+    images.at[index, "boneage_skip"] = f"bone age: {reason}"
+    images.at[index, "boneage_detail"] = " ".join(str(detail).split())
+
+
+def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, device) -> None:
+    """The group of a given age with the models' edges; otherwise the 03 router's prediction."""
+    images["age_group"], images["age_group_source"] = None, None
+    usable = images["skip_reason"].isna()
+    given = usable & images["age"].notna()
+    groups = common.age_group_of(images.loc[given, "age"].astype(float), edges)
+    images.loc[given, "age_group"] = [int(group) for group in groups]
+    images.loc[given, "age_group_source"] = "given"
+    unknown = images.index[usable & images["age"].isna()]
+    if len(unknown) == 0:
+        return
+    if not router_path.is_file():
+        for index in unknown:
+            _skip(images, index, "no age and no age router", f"{router_path} not found: give an age "
+                  "(CSV column, --age) or run 03_train_age.py")
+        return
+    router, checkpoint = common.load_trained_model(router_path, device)
+    _check_edges(checkpoint, edges, router_path)
+    for indices, squares, _ in _batches(images, unknown, checkpoint["image_size"], args.batch_size,
+                                        "age router", _skip):
+        images.loc[indices, "age_group"] = _infer(router, squares, device).argmax(dim=1).tolist()
+        images.loc[indices, "age_group_source"] = "predicted"
+
+
+def _check_edges(checkpoint: dict, edges, path: Path) -> None:
+    if tuple(float(e) for e in checkpoint.get("age_edges", ())) != tuple(edges):
+        raise common.InputError(f"{path}: trained with age edges {checkpoint.get('age_edges')}, the other "
+                                f"models with {list(edges)}; retrain all models from one run")
+
+
+def _batches(images: pd.DataFrame, indices, size: int, batch_size: int, desc: str, skip):
+    """Yield (indices, uint8 [B, S, S] squares, letterboxes) of the readable images, batch by batch.
+
+    Preprocessing is common.preprocess_image, the function training used; an image that cannot be
+    decoded is recorded with `skip` (_skip or _skip_bone_age) and never reaches a model.
+    """
+    indices = list(indices)
+    for start in common.progress(range(0, len(indices), batch_size), desc=desc, unit="batch"):
+        kept, squares, boxes = [], [], []
+        for index in indices[start:start + batch_size]:
+            try:
+                square, box = common.preprocess_image(images.at[index, "path"], size)
+            except Exception as error:  # noqa: BLE001 -- one bad file must not stop the whole batch
+                skip(images, index, "unreadable image", str(error))
+                continue
+            kept.append(index)
+            squares.append(square)
+            boxes.append(box)
+        if kept:
+            yield kept, np.stack(squares), boxes
+
+
+def _infer(model, squares: np.ndarray, device, *extra):
+    """Forward pass as in evaluation (common.predict): bf16 autocast on CUDA, fp32 on CPU, so the
+    probabilities are on the scale the threshold was chosen on."""
+    import torch
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        batch = common.prepare_images(torch.from_numpy(squares).unsqueeze(1), device, train=False,
+                                      channels_last=False)
+        return model(batch, *(e.to(device) for e in extra)).float().cpu()
+
+
+def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
+                      gradcam=None) -> None:
+    """Run each (projection, age group) model on its images; with `gradcam` (06's module) also
+    write Grad-CAM++ overlays."""
+    import torch
+    for column in ("fracture_prob", "fracture_pred", "threshold", "model", "cam_path"):
+        images[column] = None
+    ready = images[images["skip_reason"].isna() & images["age_group"].notna()]
+    for (projection, group), members in ready.groupby(["projection", "age_group"]):
+        group = int(group)
+        model_path = fracture_models.get((projection, group))
+        if model_path is None:
+            for index in members.index:
+                _skip(images, index, "no fracture model for the group",
+                      _missing_model_detail(args.models, projection, group, edges))
+            continue
+        model, checkpoint = common.load_trained_model(model_path, device)
+        _check_edges(checkpoint, edges, model_path)
+        threshold = float(checkpoint.get("threshold", 0.5))
+        relative = model_path.relative_to(args.models).as_posix()
+        for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
+                                                args.batch_size, f"{projection} group {group}", _skip):
+            probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy()
+            images.loc[indices, "fracture_prob"] = probs.astype(float)
+            images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)
+            images.loc[indices, "threshold"] = threshold
+            images.loc[indices, "model"] = relative
+            if gradcam is not None:
+                cams, _ = gradcam.grad_cam_plus_plus(model, squares, device)
+                for index, cam, box, prob in zip(indices, cams, boxes, probs):
+                    name = f"{index:05d}_{images.at[index, 'path'].stem}_p{prob:.2f}.png"
+                    overlay = gradcam.render_overlay(images.at[index, "path"], cam, box,
+                                                     gradcam.caption(float(prob), threshold))
+                    gradcam.write_png(overlay, out_dir / "gradcam" / name)
+                    images.at[index, "cam_path"] = f"gradcam/{name}"
+        del model
+
+
+def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
+    """Why 04 left this model out, from its summary.csv when there is one."""
+    name = f"{projection} group {group} {common.age_group_names(edges)[group]}"
+    summary = models / "fracture" / "summary.csv"
+    if summary.is_file():
+        rows = pd.read_csv(summary)
+        match = rows[(rows["kind"] == "model") & (rows["projection"] == projection)
+                     & (rows["age_group"] == group) & (rows["status"] == "skipped")]
+        if not match.empty:
+            return f"{name} was skipped in training: {match['reason'].iloc[0]}"
+    return f"{name}: no {models / 'fracture' / projection / f'group{group}' / 'best.pt'}"
+
+
+def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> None:
+    """Bone age in months for every readable image with a sex (the model needs it as an input)."""
+    import torch
+    images["bone_age_months"], images["boneage_skip"], images["boneage_detail"] = None, None, None
+    readable = ~images["skip_reason"].isin(IMAGE_PROBLEMS)
+    for index in images.index[readable & images["sex"].isna()]:
+        _skip_bone_age(images, index, "no sex", "give a sex column, --sex, or a DICOM with PatientSex")
+    model, checkpoint = common.load_trained_model(boneage_path, device)
+    wanted = images.index[readable & images["sex"].notna()]
+    for indices, squares, _ in _batches(images, wanted, checkpoint["image_size"], args.batch_size,
+                                        "bone age", _skip_bone_age):
+        male = torch.tensor([int(images.at[i, "sex"] == "M") for i in indices], dtype=torch.long)
+        images.loc[indices, "bone_age_months"] = _infer(model, squares, device, male).numpy().astype(float)
+
+
+def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
+    names = common.age_group_names(edges)
+    rows = images[["input_path", "study_id", "projection", "projection_source", "age_group",
+                   "age_group_source", "fracture_prob", "fracture_pred", "threshold", "model"]].copy()
+    rows["level"], rows["n_images"] = "image", 1
+    rows["age_group_name"] = [None if group is None else names[int(group)] for group in rows["age_group"]]
+    rows["fracture_pred"] = rows["fracture_pred"].astype("Int64")  # empty for a bone-age-only row
+    if args.boneage:
+        rows["bone_age_months"] = images["bone_age_months"].astype(float).round(1)
+    if args.cam:
+        rows["cam_path"] = images["cam_path"]
+    return rows.reset_index(drop=True)
+
+
+def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
+    """One row per study_id: max probability, positive if any image is positive (see the docstring)."""
+    scored = images[images["study_id"].notna() & images["fracture_prob"].notna()]
+    if scored.empty:
+        return pd.DataFrame()
+    studies = scored.groupby("study_id", sort=True).agg(
+        fracture_prob=("fracture_prob", "max"), fracture_pred=("fracture_pred", "max"),
+        n_images=("input_path", "size"),
+        projection=("projection", lambda p: "+".join(sorted(set(p)))))
+    studies["fracture_pred"] = studies["fracture_pred"].astype(int)
+    return studies.reset_index().assign(level="study")
+
+
+def _output_columns(args) -> list[str]:
+    return ["level", "input_path", "study_id", "projection", "projection_source", "age_group",
+            "age_group_name", "age_group_source", "fracture_prob", "fracture_pred", "threshold",
+            "model", "n_images", *(["bone_age_months"] if args.boneage else []),
+            *(["cam_path"] if args.cam else [])]
+
+
+def _skip_table(images: pd.DataFrame) -> pd.DataFrame:
+    frames = [images.loc[images["skip_reason"].notna(), ["input_path", "skip_reason", "skip_detail"]]
+              .set_axis(["input_path", "reason", "detail"], axis=1)]
+    if "boneage_skip" in images:
+        bone = images[images["boneage_skip"].notna()]
+        frames.append(pd.DataFrame({"input_path": bone["input_path"], "reason": bone["boneage_skip"],
+                                    "detail": bone["boneage_detail"]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _print_summary(table: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path) -> None:
+    for row in skipped.head(SKIPS_SHOWN).itertuples():
+        common.log(f"skipped {row.input_path}: {row.reason}" + (f" ({row.detail})" if row.detail else ""))
+    if len(skipped) > SKIPS_SHOWN:
+        common.log(f"... and {len(skipped) - SKIPS_SHOWN} more skips listed in {out_dir / 'skipped.csv'}")
+    images = table[table["level"] == "image"]
+    counts = Counter(skipped["reason"])
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none"
+    studies = int((table["level"] == "study").sum()) if len(table) else 0
+    common.log(f"07: predicted {len(images)} images" + (f" and {studies} studies" if studies else "")
+               + f"; skipped {len(skipped)} ({reasons}) -> {out_dir / 'predictions.csv'}")
+
+
+if __name__ == "__main__":
+    main()
