@@ -97,7 +97,7 @@ def main(argv=None):
     common.resolve_device(args.device)  # `--device cuda` without a GPU: one line now, not after 01/02
     commands = []
     if args.on_demo and not (args.only or args.first):
-        commands.append(_run([sys.executable, str(common.ROOT / "data" / "make_demo.py")], "demo data"))
+        commands.append(_run([sys.executable, "data/make_demo.py"], "demo data"))
     for stage in _selected(args):
         command = _command(stage, args)
         manifest = args.out / "manifests" / f"{stage.name}.json"
@@ -140,7 +140,7 @@ def _command(stage: Stage, args) -> list[str]:
     if args.pretrained_dir and stage.name in PRETRAINED_FILES:
         flags += ["--pretrained", str(_pretrained_file(args.pretrained_dir, PRETRAINED_FILES[stage.name]))]
     flags += args.extra.get(stage.name, [])
-    script = str(common.ROOT / stage.script)
+    script = stage.script  # stages run with the project folder as working directory
     if not stage.distributed:
         return [sys.executable, script, *flags]
     launcher = [sys.executable, "-m", "torch.distributed.run",
@@ -173,7 +173,7 @@ def _fingerprint(stage: Stage, command: list[str], args) -> str:
     """Hash of the stage's command-line settings, its inputs' contents and its code."""
     digest = hashlib.sha256()
     settings = [c for c in command if not c.startswith("--standalone")]
-    digest.update(json.dumps(settings[settings.index(str(common.ROOT / stage.script)):]).encode())
+    digest.update(json.dumps(settings[settings.index(stage.script):]).encode())
     sources = [args.out / name for name in stage.inputs]
     if stage.name == "01":
         sources += [args.data / "dataset.csv", common.find_boneage_csv(args.boneage_data)]
