@@ -42,3 +42,15 @@ def small_demo(tmp_path_factory) -> Path:
     load_make_demo().main(["--out", str(out), "--wrist-patients", "160", "--boneage-images", "120",
                            "--seed", "0"])
     return out
+
+
+def cr_dicom() -> Path:
+    """A real CR radiograph (MONOCHROME1, ViewPosition AP) shipped offline by pydicom-data.
+
+    Found through data_store, not pydicom.data.get_testdata_files, which tries the network.
+    """
+    data_store = pytest.importorskip("data_store")
+    path = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"
+    if not path.is_file():
+        pytest.skip("pydicom-data's RG3_UNCR.dcm is absent")
+    return path

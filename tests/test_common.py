@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+from conftest import cr_dicom
 
 
 # ---- data readers ---------------------------------------------------------------------------
@@ -146,17 +147,10 @@ def test_letterbox_keeps_aspect_ratio():
     assert box.left == 32 and box.top == 0 and box.scale == pytest.approx(0.32)
 
 
-def _cr_dicom() -> Path:
-    data_store = pytest.importorskip("data_store")
-    path = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"
-    if not path.is_file():
-        pytest.skip("pydicom-data's RG3_UNCR.dcm is absent")
-    return path
-
 
 def test_monochrome1_dicom_is_inverted_bone_bright():
     import pydicom
-    path = _cr_dicom()
+    path = cr_dicom()
     dataset = pydicom.dcmread(path)
     assert dataset.PhotometricInterpretation == "MONOCHROME1"
     raw_stored = dataset.pixel_array.astype(float)
@@ -172,7 +166,7 @@ def test_monochrome1_dicom_is_inverted_bone_bright():
 
 
 def test_dicom_tags_are_non_identifying():
-    tags = common.read_dicom_tags(_cr_dicom())
+    tags = common.read_dicom_tags(cr_dicom())
     assert set(tags) == {"projection", "age", "sex"}
     assert tags["projection"] == "AP"
     assert common._dicom_age_years("011Y") == 11 and common._dicom_age_years("006M") == 0.5

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common
-from conftest import load_stage
+from conftest import cr_dicom, load_stage
 
 EDGES = [5.0, 10.0, 15.0]
 SIZE = 32
@@ -79,13 +79,6 @@ def write_corrupt_png(path: Path) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)
     return path
 
-
-def cr_dicom() -> Path:
-    data_store = pytest.importorskip("data_store")
-    path = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"
-    if not path.is_file():
-        pytest.skip("pydicom-data's RG3_UNCR.dcm is absent")
-    return path
 
 
 def run(predict, inputs, models: Path, out: Path, *flags) -> tuple[pd.DataFrame, pd.DataFrame]:
