@@ -325,9 +325,7 @@ def overlay_on_original(unit_image: np.ndarray, cam_square: np.ndarray, box: com
     from pytorch_grad_cam.utils.image import show_cam_on_image
     if unit_image.shape != (box.height, box.width):
         raise ValueError(f"image {unit_image.shape} does not match its letterbox ({box.height}, {box.width})")
-    # The same rounding as common.letterbox, which placed the image at (top, left) in the square.
-    region_h, region_w = max(1, round(box.height * box.scale)), max(1, round(box.width * box.scale))
-    region = cam_square[box.top:box.top + region_h, box.left:box.left + region_w]
+    region = cam_square[box.region]
     shrink = min(1.0, max_side / max(box.height, box.width))
     size = (max(1, round(box.width * shrink)), max(1, round(box.height * shrink)))  # cv2: (w, h)
     cam = np.clip(cv2.resize(region.astype(np.float32), size, interpolation=cv2.INTER_LINEAR), 0, 1)

@@ -215,11 +215,16 @@ def config_dict(args: argparse.Namespace) -> dict:
 
 
 def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__}
-    for name in ("torch", "timm", "sklearn", "pydicom", "cv2"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
+    """Installed versions of the libraries that shape a result (read from package metadata, so
+    nothing has to be imported first)."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "pydicom",
+                 "opencv-python-headless", "grad-cam"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
     return versions
 
 
@@ -642,6 +647,14 @@ class Letterbox:
     scale: float
     top: int
     left: int
+    resized_height: int
+    resized_width: int
+
+    @property
+    def region(self) -> tuple[slice, slice]:
+        """The rows and columns of the padded square that hold the image."""
+        return (slice(self.top, self.top + self.resized_height),
+                slice(self.left, self.left + self.resized_width))
 
 
 def letterbox(image01: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
@@ -656,10 +669,10 @@ def letterbox(image01: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(image01, (new_w, new_h), interpolation=interpolation)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
+    box = Letterbox(height, width, scale, (size - new_h) // 2, (size - new_w) // 2, new_h, new_w)
     square = np.zeros((size, size), dtype=np.uint8)
-    square[top:top + new_h, left:left + new_w] = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return square, Letterbox(height, width, scale, top, left)
+    square[box.region] = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return square, box
 
 
 def preprocess_image(path: Path, size: int) -> tuple[np.ndarray, Letterbox]:
@@ -1727,8 +1740,6 @@ def write_report(out: Path, commands: Sequence[str] = ()) -> Path:
 
     Any stage may call it; sections whose outputs do not exist yet say so instead of failing.
     """
-    import torch  # noqa: F401  (imported so library_versions() can list it)
-    import sklearn  # noqa: F401
     out = Path(out)
     lines = ["# Pediatric wrist radiograph pipeline: run report", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M')} from the outputs in `{out.name}/`. "
