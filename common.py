@@ -1449,6 +1449,8 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
                "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_total / max(seconds, 1e-9),
                "samples_seen": int(seen_total) + (int(history[-1]["samples_seen"]) if history else 0),
                "seconds": seconds}
+        if on_cuda:  # the most this process has held so far, so a GPU run shows its headroom
+            row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
         history.append(row)
         if info.is_main:
             if improved:
