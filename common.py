@@ -1383,6 +1383,9 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
     on_cuda = info.device.type == "cuda"
     model = model.to(info.device)
     if on_cuda:
+        # Before DDP wraps it: DDP lays its gradient buckets out like the parameters as they are
+        # then. (2-rank CPU runs warn "Grad strides do not match" for 1x1 and depthwise kernels
+        # whose gradients differ only in the strides of size-1 dimensions: the same bytes, no cost.)
         model = model.to(memory_format=torch.channels_last)
     # --batch-size is the GLOBAL batch: each of W ranks takes B/W of it, so 1 and N processes
     # step through the same batches with the same learning-rate schedule. Every batch is full
