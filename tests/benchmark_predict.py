@@ -1,4 +1,4 @@
-"""Inference throughput of 07_predict: how many radiographs a second one fracture model scores. (not part of pytest)
+"""Inference throughput of 07_predict: radiographs a second one fracture model scores (not part of pytest)
 
 Times the call 07_predict.py makes for each batch (its `_infer`: host-to-device copy, normalising,
 bf16 autocast on CUDA, fp32 on CPU) on --batch-size real radiographs preprocessed exactly as 07

@@ -29,6 +29,7 @@ stem + _work/, removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import shlex
@@ -79,7 +80,8 @@ def main(argv=None):
     logs = common.ensure_writable_dir(out.parent / f"{out.stem}_logs")
     work = out.parent / f"{out.stem}_work"
     shutil.rmtree(work, ignore_errors=True)
-    report = {"command": shlex.join(["python", "tests/gpu_acceptance.py", *(argv if argv is not None else sys.argv[1:])]),
+    given = argv if argv is not None else sys.argv[1:]
+    report = {"command": shlex.join(["python", "tests/gpu_acceptance.py", *given]),
               "dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "environment": _environment(args), "steps": [], "figures": []}
     common.write_json(report, out)
@@ -102,7 +104,8 @@ def main(argv=None):
     _print_table(report, out)
     failed = [s["step"] for s in report["steps"] if s["exit_status"] != 0]
     if failed:
-        sys.exit(f"error: step(s) {', '.join(failed)} failed or ran out of time; their logs are in {_shown(logs)}")
+        sys.exit(f"error: step(s) {', '.join(failed)} failed or ran out of time; "
+                 f"their logs are in {_shown(logs)}")
 
 
 def _environment(args) -> dict:
@@ -196,7 +199,8 @@ def _train_stage(stage: str, args, data: dict, report: dict, step) -> None:
 
 def _benchmark_inference(args, data: dict, work: Path, report: dict, step) -> None:
     """tests/benchmark_predict.py: 07's forward pass for the full preset's fracture model, batch 32."""
-    arch = DRY_ARCH if args.dry_run else importlib.import_module("04_train_fracture_ddp").PRESETS["full"]["arch"]
+    fracture_stage = importlib.import_module("04_train_fracture_ddp")
+    arch = DRY_ARCH if args.dry_run else fracture_stage.PRESETS["full"]["arch"]
     size = "32" if args.dry_run else str(common.IMAGE_SIZE["full"])
     result_path = work / "benchmark_predict.json"
     command = [sys.executable, "tests/benchmark_predict.py", "--images", _shown(data["wrist"]),
@@ -221,8 +225,8 @@ def _run_step(report: dict, name: str, command: list[str], limit: float, logs: P
 
     Returns the exit status: 0 = success; anything else (None: stopped or not run) = failure.
     """
-    record = {"step": name, "command": _display(command), "time_limit_s": round(limit),
-              "log": _shown(logs / f"{name.replace(' ', '_')}.log")}
+    log_path = logs / f"{name.replace(' ', '_')}.log"
+    record = {"step": name, "command": _display(command), "time_limit_s": round(limit), "log": _shown(log_path)}
     report["steps"].append(record)
     if limit < 5:
         record.update(exit_status=None, seconds=0.0, result="not run: the time budget is spent")
@@ -230,7 +234,7 @@ def _run_step(report: dict, name: str, command: list[str], limit: float, logs: P
         return None
     print(f"[{name}] $ {record['command']}", flush=True)
     start = time.monotonic()
-    with open(logs / f"{name.replace(' ', '_')}.log", "w") as log:
+    with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
@@ -242,7 +246,7 @@ def _run_step(report: dict, name: str, command: list[str], limit: float, logs: P
             _stop(process)
     record.update(exit_status=code, seconds=round(time.monotonic() - start, 1), result=result)
     if code != 0:
-        record["log_tail"] = (logs / f"{name.replace(' ', '_')}.log").read_text(errors="replace").splitlines()[-15:]
+        record["log_tail"] = log_path.read_text(errors="replace").splitlines()[-15:]
     print(f"[{name}] {result} in {record['seconds']:.0f} s", flush=True)
     common.write_json(report, out)
     return code
@@ -251,6 +255,8 @@ def _run_step(report: dict, name: str, command: list[str], limit: float, logs: P
 def _stop(process: subprocess.Popen) -> None:
     """End the step's whole process group (torchrun and its workers), gently first."""
     if process.poll() is not None:
+        with contextlib.suppress(ProcessLookupError):  # a straggler would skew the next step's figures
+            os.killpg(process.pid, signal.SIGKILL)
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -282,7 +288,8 @@ def _print_table(report: dict, out: Path) -> None:
     width = max(len(f["figure"]) for f in report["figures"]) if report["figures"] else 0
     for f in report["figures"]:
         value = "-" if f["value"] is None else f"{f['value']:.4g}"
-        goal = f.get("goal", "") + ("" if f.get("meets_goal") is None else " met" if f["meets_goal"] else " MISSED")
+        verdict = {None: "", True: " met", False: " MISSED"}[f.get("meets_goal")]
+        goal = f.get("goal", "") + verdict
         print(f"  {f['figure']:<{width}}  {value:>8}  {goal}")
     print(f"commands and details: {_shown(out)}")
 

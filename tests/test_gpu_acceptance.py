@@ -45,7 +45,8 @@ def test_dry_run_gives_every_figure_without_pydicom_or_grad_cam(tmp_path):
         assert values[f"{stage} test_resnet @32 px: train img/s, last epoch"] > 0
         command = figures[f"{stage} test_resnet @32 px: exit status"]["command"]
         assert f"torch.distributed.run --standalone --nproc-per-node 1 {script} " in command
-    bench = {name.split(" (")[0]: value for name, value in values.items() if "(test_resnet @32 px, batch 8)" in name}
+    bench = {name.split(" (")[0]: value for name, value in values.items()
+             if "(test_resnet @32 px, batch 8)" in name}
     assert min(bench.values()) > 0 and len(bench) == 5
     assert abs(bench["b/a"] - bench["(b) project loop from the cache, train img/s"]
                / bench["(a) model-only ceiling, train img/s"]) < 1e-6
