@@ -148,7 +148,7 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
     settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     patience=args.patience, workers=args.workers,
                                     compile=args.compile, monitor="auc", seed=args.seed,
-                                    min_epoch_samples=args.min_epoch_samples)
+                                    min_epoch_samples=args.min_epoch_samples, force=args.force)
     meta = {"kind": "classifier", "task": "fracture", "arch": args.arch, "num_classes": 1,
             "image_size": args.image_size, "projection": projection, "age_group": group,
             "age_edges": list(edges), "route": args.route, "loss": args.loss,

@@ -89,10 +89,12 @@ def main(argv=None):
 
         # The head starts at the training mean, so the first epochs learn the hand, not the offset.
         train_mean = float(frames["train"]["boneage"].mean())
-        model = common.build_boneage_model(args.arch, pretrained=args.pretrained, init_months=train_mean)
+        model = common.build_boneage_model(args.arch, pretrained=args.pretrained, init_months=train_mean,
+                                           image_size=args.image_size)
         settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         patience=args.patience, workers=args.workers,
-                                        compile=args.compile, monitor="mae", mode="min", seed=args.seed)
+                                        compile=args.compile, monitor="mae", mode="min", seed=args.seed,
+                                        force=args.force)
         # Everything 07_predict needs to rebuild the model, and everything that must match for
         # last.pt to be resumed (a changed split must not continue the old weights).
         meta = {"kind": "boneage", "arch": args.arch, "max_months": common.BONEAGE_MAX_MONTHS,
