@@ -1191,7 +1191,13 @@ def setup_distributed(device_choice: str = "auto") -> DistInfo:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        # torchrun keeps one store across restarts (--max-restarts): without a fresh key space per
+        # attempt, a restarted rank can read its peers' addresses from the attempt that crashed
+        # and fail to connect (seen with gloo: "connectFullMesh failed ... Connection refused").
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world_size, **kwargs)
     if device.type == "cpu":
         # torchrun's default of 1 thread per worker is right for N workers on N cores; a single
         # process may use them all.
