@@ -958,9 +958,9 @@ def drop_unreadable(frame: pd.DataFrame, cache: ImageCache, what: str) -> pd.Dat
 # ------------------------------------------------------------------------------------------------
 
 # Tiny members of the full preset's families, for tests and CPU smoke runs, in the spirit of timm's
-# own test_resnet / test_convnext (timm has none for Swin or ConvNeXtV2): a registered timm model with
-# a few blocks of small width. Same code paths (GRN, windowed attention with relative-position
-# bias, shifted windows, NHWC features) at a fraction of the cost. No pretrained weights exist.
+# own test_resnet / test_convnext (timm has none for Swin or ConvNeXtV2): a registered timm
+# architecture built with a few blocks of small width. Same code paths (GRN, windowed attention with
+# relative-position bias, shifted windows, NHWC features) at a fraction of the cost; no weights.
 TINY_FAMILY_MEMBERS = {
     "test_convnextv2": ("convnextv2_atto", {"depths": (1, 1, 1, 1), "dims": (16, 32, 48, 64)}),
     "test_swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": (1, 1, 2, 1),
