@@ -875,6 +875,9 @@ def _decode_into(array_path: Path, order: list[str], first_row: int, size: int,
         for path, error in progress(results, total=len(jobs), desc="decode images", unit="img"):
             if error:
                 errors[path] = error
+        # Drop this process's mapping: the next build in the same process reuses the same temporary
+        # name for a new file, and a kept mapping would write its pixels into the old one.
+        _WORKER_ARRAYS.pop(str(array_path)).flush()
         return errors
     context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
