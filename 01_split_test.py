@@ -27,12 +27,17 @@ bin x sex. A stratum of n >= 2 images gives max(1, round(fraction * n)) images, 
 tested too; a stratum of a single image stays in training. Or --boneage-test-csv: your own labelled
 test CSV (e.g. RSNA's validation set), whose images lie under that CSV's folder.
 
-The same --seed draws the same test sets, byte for byte. Run it once per dataset; then
-02_split_trainval.py splits everything else into train and val.
+The same --seed draws the same test sets, byte for byte. The two datasets are independent
+tracks: give --data alone (wrist files only), --boneage-data alone (boneage_test.csv only), or
+both; neither runs the demo of both. Then 02_split_trainval.py splits the rest into train and val.
+A file stem found twice under a data folder resolves to the first path in sorted order (the same
+on every copy of the data) and is counted in test_report.json.
 
 Run:
   python 01_split_test.py                       # the demo data, --per-cell 4
   python 01_split_test.py --data /data/GRAZPEDWRI-DX --boneage-data /data/rsna-bone-age
+  python 01_split_test.py --data /data/GRAZPEDWRI-DX      # the wrist track alone
+  python 01_split_test.py --boneage-data /data/rsna-bone-age   # the bone-age track alone
   python 01_split_test.py --data /data/GRAZPEDWRI-DX --boneage-data /data/rsna-bone-age \\
       --boneage-test-csv /data/rsna-bone-age/boneage-validation-dataset.csv --exclude-cast
 """
@@ -92,14 +97,36 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     splits_dir = common.ensure_writable_dir(args.out / "splits")
+    # The two tasks are independent datasets: each part runs when its data is given.
+    wrist_report = split_wrist(args) if args.data is not None else None
+    boneage_report = split_boneage(args) if args.boneage_data is not None or args.boneage_test_csv else None
+    report = {
+        "seed": args.seed, "per_cell": args.per_cell, "age_edges": args.age_edges,
+        "data": str(args.data.resolve()) if args.data is not None else None,
+        "boneage_data": str(args.boneage_data.resolve()) if args.boneage_data is not None else None,
+        "filters": {"exclude_metal": not args.include_metal, "exclude_cast": args.exclude_cast,
+                    "ao_pattern": args.ao_filter},
+        "wrist": wrist_report, "boneage": boneage_report,
+    }
+    common.write_json(report, splits_dir / "test_report.json")
+    common.write_run_config(splits_dir / "01_split_test", args)
+    written = (["wrist_test.csv", "wrist_quarantine.csv", "age_groups.json"] if wrist_report else []) \
+        + (["boneage_test.csv"] if boneage_report else [])
+    common.log(f"wrote {splits_dir}: {', '.join(written + ['test_report.json'])}")
 
+
+def split_wrist(args) -> dict:
+    """Draw and write the wrist test set and quarantine; return the wrist part of the report."""
     # The wrist metadata, filtered as the study did; 02 reads the same rows with these filters.
     filters = {"exclude_metal": not args.include_metal, "exclude_cast": args.exclude_cast,
                "ao_pattern": args.ao_filter}
-    wrist, excluded = common.read_wrist_metadata(args.data, **filters)
+    index = common.index_images(args.data) if args.data.is_dir() else None
+    wrist, excluded = common.read_wrist_metadata(args.data, image_index=index, **filters)
     total_rows = len(wrist) + sum(excluded.values())
     common.log(f"wrist: {len(wrist)} images of {wrist['patient_id'].nunique()} patients kept; "
                f"{common.format_exclusions(excluded, total_rows)}")
+    if index.duplicates:
+        common.log(f"wrist: {index.duplicate_line(args.data)}")
     wrist = common.sort_wrist(common.add_age_columns(wrist, args.age_edges))
 
     # The test set, drawn by whole patients. Every other image of a test patient is quarantined:
@@ -115,46 +142,50 @@ def main(argv=None):
     common.log(f"wrist quarantine: {len(quarantine)} other images of the test patients, "
                "kept out of train and val")
     common.log(format_shortfalls(cells, args.per_cell))
-
-    # The bone-age test set: the user's own, or a stratified draw from the training CSV.
-    if args.boneage_test_csv is not None:
-        boneage_test, boneage_excluded = common.read_boneage_metadata(args.boneage_test_csv)
-        boneage_source, boneage_total = str(args.boneage_test_csv.resolve()), len(boneage_test)
-        boneage_test = common.add_boneage_bin(boneage_test)
-    else:
-        boneage, boneage_excluded = common.read_boneage_metadata(args.boneage_data)
-        boneage = common.add_boneage_bin(boneage)
-        boneage_test = boneage[draw_boneage_test(boneage, args.boneage_test_fraction, args.seed)]
-        boneage_source, boneage_total = "stratified draw", len(boneage)
-    boneage_test = boneage_test.sort_values(["age_bin", "sex", "id"])
-    common.log(f"bone-age test: {len(boneage_test)} of {boneage_total} images ({boneage_source})")
-
     common.write_csv(test, common.split_path(args.out, "wrist", "test"))
     common.write_csv(quarantine, common.split_path(args.out, "wrist", "quarantine"))
-    common.write_csv(boneage_test, common.split_path(args.out, "boneage", "test"))
     common.write_json({"edges": args.age_edges, "names": common.age_group_names(args.age_edges)},
                       common.age_groups_path(args.out))
-    report = {
-        "seed": args.seed, "per_cell": args.per_cell, "age_edges": args.age_edges,
-        "data": str(args.data.resolve()), "boneage_data": str(args.boneage_data.resolve()),
-        "filters": filters,
-        "wrist": {"rows": total_rows, "kept": len(wrist), "excluded": excluded,
-                  "test_images": {name: int(n) for name, n in per_projection.items()},
-                  "test_patients": int(test["patient_id"].nunique()),
-                  "quarantine_images": len(quarantine),
-                  "shortfall_images": int(cells["shortfall"].sum()),
-                  "cells": cells.to_dict(orient="records"),
-                  "shortfalls": cells[cells["shortfall"] > 0].to_dict(orient="records")},
-        "boneage": {"source": boneage_source, "test_images": len(boneage_test),
-                    "of_images": boneage_total, "fraction": args.boneage_test_fraction,
-                    "excluded": boneage_excluded},
-    }
-    common.write_json(report, splits_dir / "test_report.json")
-    common.write_run_config(splits_dir / "01_split_test", args)
-    common.log(f"wrote {splits_dir}: wrist_test.csv, wrist_quarantine.csv, boneage_test.csv, "
-               "age_groups.json, test_report.json")
+    return {"rows": total_rows, "kept": len(wrist), "excluded": excluded,
+            "duplicate_stems": _duplicates(index),
+            "test_images": {name: int(n) for name, n in per_projection.items()},
+            "test_patients": int(test["patient_id"].nunique()),
+            "quarantine_images": len(quarantine),
+            "shortfall_images": int(cells["shortfall"].sum()),
+            "cells": cells.to_dict(orient="records"),
+            "shortfalls": cells[cells["shortfall"] > 0].to_dict(orient="records")}
 
 
+def split_boneage(args) -> dict:
+    """Draw (or take the user's) bone-age test set and write it; return its part of the report."""
+    if args.boneage_test_csv is not None:
+        source_csv = args.boneage_test_csv
+    else:
+        source_csv = common.find_boneage_csv(args.boneage_data)
+    index = common.index_images(source_csv.parent)
+    boneage, excluded = common.read_boneage_metadata(source_csv, image_index=index)
+    if index.duplicates:
+        common.log(f"bone age: {index.duplicate_line(source_csv.parent)}")
+    boneage = common.add_boneage_bin(boneage)
+    if args.boneage_test_csv is not None:
+        boneage_test, source = boneage, str(args.boneage_test_csv.resolve())
+    else:
+        boneage_test = boneage[draw_boneage_test(boneage, args.boneage_test_fraction, args.seed)]
+        source = "stratified draw"
+    boneage_test = boneage_test.sort_values(["age_bin", "sex", "id"])
+    common.log(f"bone-age test: {len(boneage_test)} of {len(boneage)} images ({source})")
+    common.write_csv(boneage_test, common.split_path(args.out, "boneage", "test"))
+    return {"source": source, "test_images": len(boneage_test), "of_images": len(boneage),
+            "fraction": args.boneage_test_fraction, "excluded": excluded,
+            "duplicate_stems": _duplicates(index)}
+
+
+def _duplicates(index) -> dict:
+    """Stems found more than once: counted in the report with a few examples."""
+    examples = {stem: [str(index[stem]), *map(str, others)]
+                for stem, others in sorted(index.duplicates.items())[:5]}
+    return {"stems": len(index.duplicates), "ignored_files": sum(map(len, index.duplicates.values())),
+            "examples": examples}
 
 
 def draw_wrist_test(wrist: pd.DataFrame, per_cell: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:

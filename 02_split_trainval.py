@@ -23,7 +23,8 @@ of round(1/val-fraction) folds as val: --val-fraction 0.2 gives 5 folds, 0.15 gi
 
 Leak check: no patient may sit in two of test (with the quarantine), train and val, and no bone-age
 id in two splits; otherwise the stage stops before writing any split. The same --seed gives the same
-files, byte for byte.
+files, byte for byte. Each track splits only if 01 drew its test set: a run with one dataset alone
+writes that dataset's files and says in split_report.md that the other track was skipped.
 
 Run:
   python 02_split_trainval.py                     # after 01_split_test.py on the demo data
@@ -56,11 +57,56 @@ def main(argv=None):
     args = parse_args(argv)
     test_report = read_test_report(args.out)
     args = common.resolve_common_args(use_data_of_test_stage(args, test_report))
+    splits_dir = args.out / "splits"
+    # Each track splits only when 01 drew its test set (one dataset alone is a complete run).
+    wrist = split_wrist(args, test_report) if test_report["data"] is not None else None
+    boneage = split_boneage(args) if test_report["boneage_data"] is not None else None
+
+    # The leak check, before any split is written. The quarantine shares its patients with the
+    # test set by design, so the two count as one side.
+    wrist_overlap, boneage_overlap = {}, {}
+    if wrist is not None:
+        common.assert_no_patient_leak(wrist["leak_splits"])
+        wrist_overlap = common.patient_overlap(wrist["leak_splits"])
+    if boneage is not None:
+        common.assert_no_patient_leak(boneage, key="id")
+        boneage_overlap = common.patient_overlap(boneage, key="id")
+    leak_line = leak_check_line(wrist_overlap, boneage_overlap)
+
+    written = []
+    if wrist is not None:
+        common.write_csv(wrist["splits"]["train"], common.split_path(args.out, "wrist", "train"))
+        common.write_csv(wrist["splits"]["val"], common.split_path(args.out, "wrist", "val"))
+        common.write_csv(wrist["status"], splits_dir / "group_status.csv")
+        written += ["wrist_train/val.csv", "group_status.csv"]
+    if boneage is not None:
+        common.write_csv(boneage["train"], common.split_path(args.out, "boneage", "train"))
+        common.write_csv(boneage["val"], common.split_path(args.out, "boneage", "val"))
+        written += ["boneage_train/val.csv"]
+    report = split_report(wrist, test_report, boneage, leak_line)
+    with common.atomic_path(splits_dir / "split_report.md") as tmp:
+        tmp.write_text(report)
+    common.write_run_config(splits_dir / "02_split_trainval", args)
+
+    common.log(leak_line)
+    if wrist is not None:
+        for name, frame in wrist["splits"].items():
+            common.log(f"wrist {name}: {len(frame)} images of {frame['patient_id'].nunique()} patients, "
+                       f"{frame['label'].mean():.1%} with a visible fracture")
+        common.log(f"wrist quarantine: {wrist['n_quarantine']} images (test patients' other images)")
+        for row in wrist["status"][~wrist["status"]["trainable"]].itertuples():
+            common.log(f"not trainable: {row.projection} {row.age_group_name}: {row.skip_reason}")
+    if boneage is not None:
+        common.log(f"bone age: train {len(boneage['train'])}, val {len(boneage['val'])}, "
+                   f"test {len(boneage['test'])} images")
+    common.log(f"wrote {splits_dir}: {', '.join(written + ['split_report.md'])}")
+
+
+def split_wrist(args, test_report: dict) -> dict:
+    """Train/val of the wrist images outside the test set and quarantine, grouped by patient."""
     edges = common.read_age_edges(args.out)
     wrist_test = common.read_split(args.out, "wrist", "test")
     quarantine = common.read_split(args.out, "wrist", "quarantine")
-    boneage_test = common.read_split(args.out, "boneage", "test")
-
     # The same rows 01 drew from: same folder, same filters.
     wrist, excluded = common.read_wrist_metadata(args.data, **test_report["filters"])
     check_test_rows_present(wrist_test, wrist, args.data)
@@ -72,50 +118,21 @@ def main(argv=None):
     wrist_strata = (pool["projection_name"] + "/" + pool["age_group"].astype(str) + "/"
                     + pool["label"].astype(str))
     is_val = split_off_val(wrist_strata, pool["patient_id"], args.val_fraction, args.seed, "wrist")
-    wrist_train, wrist_val = pool[~is_val], pool[is_val]
+    splits = {"train": pool[~is_val], "val": pool[is_val], "test": wrist_test}
+    return {"splits": splits, "edges": edges, "excluded": excluded, "n_quarantine": len(quarantine),
+            "status": group_status(splits, edges),
+            "leak_splits": {"test+quarantine": held_out, "train": splits["train"], "val": splits["val"]}}
 
-    # Bone age: every image outside the test set, one image per id.
+
+def split_boneage(args) -> dict[str, pd.DataFrame]:
+    """Train/val of the bone-age images outside the test set (one image per id)."""
+    boneage_test = common.read_split(args.out, "boneage", "test")
     boneage, _ = common.read_boneage_metadata(args.boneage_data)
     boneage = common.add_boneage_bin(boneage)
     pool = common.sort_boneage(boneage[~boneage["id"].isin(boneage_test["id"])])
     boneage_strata = pool["age_bin"].astype(str) + "/" + pool["sex"]
     is_val = split_off_val(boneage_strata, None, args.val_fraction, args.seed, "bone-age")
-    boneage_train, boneage_val = pool[~is_val], pool[is_val]
-
-    # The leak check, before any split is written. The quarantine shares its patients with the
-    # test set by design, so the two count as one side.
-    wrist_splits = {"test+quarantine": held_out, "train": wrist_train, "val": wrist_val}
-    boneage_splits = {"train": boneage_train, "val": boneage_val, "test": boneage_test}
-    common.assert_no_patient_leak(wrist_splits)
-    common.assert_no_patient_leak(boneage_splits, key="id")
-    leak_line = leak_check_line(common.patient_overlap(wrist_splits),
-                                common.patient_overlap(boneage_splits, key="id"))
-
-    splits = {"train": wrist_train, "val": wrist_val, "test": wrist_test}
-    status = group_status(splits, edges)
-    common.write_csv(wrist_train, common.split_path(args.out, "wrist", "train"))
-    common.write_csv(wrist_val, common.split_path(args.out, "wrist", "val"))
-    common.write_csv(boneage_train, common.split_path(args.out, "boneage", "train"))
-    common.write_csv(boneage_val, common.split_path(args.out, "boneage", "val"))
-    splits_dir = args.out / "splits"
-    common.write_csv(status, splits_dir / "group_status.csv")
-    report = split_report(splits, edges, test_report, excluded, len(quarantine), boneage_splits,
-                          leak_line)
-    with common.atomic_path(splits_dir / "split_report.md") as tmp:
-        tmp.write_text(report)
-    common.write_run_config(splits_dir / "02_split_trainval", args)
-
-    common.log(leak_line)
-    for name, frame in splits.items():
-        common.log(f"wrist {name}: {len(frame)} images of {frame['patient_id'].nunique()} patients, "
-                   f"{frame['label'].mean():.1%} with a visible fracture")
-    common.log(f"wrist quarantine: {len(quarantine)} images (test patients' other images)")
-    common.log(f"bone age: train {len(boneage_train)}, val {len(boneage_val)}, "
-               f"test {len(boneage_test)} images")
-    for row in status[~status["trainable"]].itertuples():
-        common.log(f"not trainable: {row.projection} {row.age_group_name}: {row.skip_reason}")
-    common.log(f"wrote {splits_dir}: wrist_train/val.csv, boneage_train/val.csv, group_status.csv, "
-               "split_report.md")
+    return {"train": pool[~is_val], "val": pool[is_val], "test": boneage_test}
 
 
 def read_test_report(out: Path) -> dict:
@@ -129,10 +146,13 @@ def use_data_of_test_stage(args, test_report: dict):
     """Default --data/--boneage-data to the folders 01 drew the test sets from; a different one is
     an error, because the test patients would then not be held out of this data."""
     for flag, attribute in (("--data", "data"), ("--boneage-data", "boneage_data")):
-        recorded = Path(test_report[attribute])
+        recorded = Path(test_report[attribute]) if test_report.get(attribute) else None
         given = getattr(args, attribute)
         if given is None:
             setattr(args, attribute, recorded)
+        elif recorded is None:
+            raise common.InputError(f"{flag} {given}: 01_split_test.py ran without {flag}, so it drew "
+                                    f"no test set from it; rerun 01 with {flag} first")
         elif Path(given).resolve() != recorded:
             raise common.InputError(f"{flag} {given}: 01_split_test.py drew the test set from "
                                     f"{recorded}; leave {flag} out, or rerun 01 on the new folder")
@@ -187,8 +207,9 @@ def split_off_val(strata: pd.Series, groups: pd.Series | None, val_fraction: flo
 
 def leak_check_line(wrist_overlap: dict[str, int], boneage_overlap: dict[str, int]) -> str:
     def pairs(overlap):
-        return ", ".join(f"{pair} {n}" for pair, n in overlap.items())
-    return (f"leak check: PASS (wrist patients shared: {pairs(wrist_overlap)}; "
+        return ", ".join(f"{pair} {n}" for pair, n in overlap.items()) or "no bone-age track"
+    wrist = ", ".join(f"{pair} {n}" for pair, n in wrist_overlap.items()) or "no wrist track"
+    return (f"leak check: PASS (wrist patients shared: {wrist}; "
             f"bone-age ids shared: {pairs(boneage_overlap)})")
 
 
@@ -218,35 +239,46 @@ def group_status(splits: dict[str, pd.DataFrame], edges) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def split_report(splits: dict[str, pd.DataFrame], edges, test_report: dict, excluded: dict[str, int],
-                 n_quarantine: int, boneage_splits: dict[str, pd.DataFrame], leak_line: str) -> str:
+def split_report(wrist: dict | None, test_report: dict, boneage_splits: dict | None, leak_line: str) -> str:
     """The markdown summary a reader checks before trusting any metric."""
-    names = common.age_group_names(edges)
-    wrist_rows = []
-    for split, frame in splits.items():
-        for (projection, age_group), group in frame.groupby(["projection_name", "age_group"]):
-            wrist_rows.append([split, projection, names[age_group], len(group),
-                               group["patient_id"].nunique(), f"{group['label'].mean():.1%}"])
-        wrist_rows.append([split, "all", "all", len(frame), frame["patient_id"].nunique(),
-                           f"{frame['label'].mean():.1%}" if len(frame) else "-"])
-    boneage_rows = [[split, len(frame), f"{frame['boneage'].mean():.1f}", f"{frame['male'].mean():.1%}"]
-                    for split, frame in boneage_splits.items()]
-    wrist_report = test_report["wrist"]
-    return "\n".join([
-        "# Splits", "",
-        f"Seed {test_report['seed']}; test set {test_report['per_cell']} images per (projection, "
-        f"age bin, class) cell, {wrist_report['shortfall_images']} images short in "
-        f"{len(wrist_report['shortfalls'])} cells (see test_report.json).", "",
-        f"**{leak_line}**", "",
-        "## Wrist images per split, projection and age group", "",
-        markdown_table(["split", "projection", "age group", "images", "patients", "fracture rate"],
-                       wrist_rows), "",
-        f"Quarantined (test patients' other images, in no split): {n_quarantine} images.", "",
-        f"Wrist metadata: {common.format_exclusions(excluded, wrist_report['rows'])} (filters: "
-        + ", ".join(f"{name}={value}" for name, value in test_report["filters"].items()) + ").", "",
-        "## Bone age", "",
-        markdown_table(["split", "images", "mean bone age (months)", "male"], boneage_rows), "",
-        f"Test set: {test_report['boneage']['source']}.", ""])
+    lines = ["# Splits", "", f"Seed {test_report['seed']}.", "", f"**{leak_line}**", ""]
+    if wrist is None:
+        lines += ["## Wrist", "", "_No wrist data given (--data): wrist track skipped._", ""]
+    else:
+        names = common.age_group_names(wrist["edges"])
+        wrist_rows = []
+        for split, frame in wrist["splits"].items():
+            for (projection, age_group), group in frame.groupby(["projection_name", "age_group"]):
+                wrist_rows.append([split, projection, names[age_group], len(group),
+                                   group["patient_id"].nunique(), f"{group['label'].mean():.1%}"])
+            wrist_rows.append([split, "all", "all", len(frame), frame["patient_id"].nunique(),
+                               f"{frame['label'].mean():.1%}" if len(frame) else "-"])
+        wrist_report = test_report["wrist"]
+        duplicates = wrist_report.get("duplicate_stems", {}).get("stems", 0)
+        lines += [
+            f"Wrist test set: {test_report['per_cell']} images per (projection, age bin, class) cell, "
+            f"{wrist_report['shortfall_images']} images short in {len(wrist_report['shortfalls'])} "
+            "cells (see test_report.json).", "",
+            "## Wrist images per split, projection and age group", "",
+            markdown_table(["split", "projection", "age group", "images", "patients", "fracture rate"],
+                           wrist_rows), "",
+            f"Quarantined (test patients' other images, in no split): {wrist['n_quarantine']} images.", "",
+            f"Wrist metadata: {common.format_exclusions(wrist['excluded'], wrist_report['rows'])} (filters: "
+            + ", ".join(f"{name}={value}" for name, value in test_report["filters"].items()) + ")"
+            + (f"; {duplicates} file stem(s) found more than once, the first in sorted path order used "
+               "(test_report.json lists examples)" if duplicates else "") + ".", ""]
+    lines += ["## Bone age", ""]
+    if boneage_splits is None:
+        lines += ["_No bone-age data given (--boneage-data): bone-age track skipped._", ""]
+    else:
+        boneage_rows = [[split, len(frame), f"{frame['boneage'].mean():.1f}", f"{frame['male'].mean():.1%}"]
+                        for split, frame in boneage_splits.items()]
+        duplicates = test_report["boneage"].get("duplicate_stems", {}).get("stems", 0)
+        lines += [markdown_table(["split", "images", "mean bone age (months)", "male"], boneage_rows), "",
+                  f"Test set: {test_report['boneage']['source']}."
+                  + (f" {duplicates} image id(s) found more than once; the first in sorted path order "
+                     "used." if duplicates else ""), ""]
+    return "\n".join(lines)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

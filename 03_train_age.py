@@ -59,7 +59,8 @@ def main(argv=None):
                                     image_size=args.image_size)
         settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         patience=args.patience, workers=args.workers,
-                                        compile=args.compile, monitor="accuracy", seed=args.seed)
+                                        compile=args.compile, monitor="accuracy", seed=args.seed,
+                                        force=args.force)
         meta = {"kind": "classifier", "task": "age_group", "arch": args.arch, "num_classes": len(names),
                 "image_size": args.image_size, "age_edges": list(edges), "group_names": names,
                 "pretrained": args.pretrained, "settings": settings.identity(),

@@ -107,7 +107,9 @@ def _read_routed_splits(args) -> dict[str, pd.DataFrame]:
     predictions_path = args.out / "age" / "predictions.csv"
     predicted = None
     if predictions_path.is_file():
-        predicted = pd.read_csv(predictions_path, dtype={"filestem": str}).set_index("filestem")["age_group_pred"]
+        routed = pd.read_csv(predictions_path, dtype={"filestem": str})
+        _check_router_splits(routed, frames, predictions_path)
+        predicted = routed.set_index("filestem")["age_group_pred"]
     elif args.route == "pred":
         raise common.InputError(f"{predictions_path}: not found; --route pred needs the age router: "
                                 "run 03_train_age.py with the same --out first")
@@ -120,6 +122,21 @@ def _read_routed_splits(args) -> dict[str, pd.DataFrame]:
                                         "rerun 03_train_age.py after 01/02")
         frame["route_group"] = frame["age_group_pred" if args.route == "pred" else "age_group"]
     return frames
+
+
+def _check_router_splits(routed: pd.DataFrame, frames: dict[str, pd.DataFrame], path) -> None:
+    """Refuse router predictions made for other splits (01/02 rerun after 03): every predicted
+    image must sit in the same split now. (An image 03 could not decode has no row, which is fine.)"""
+    current = pd.concat([frame[["filestem"]].assign(split=split) for split, frame in frames.items()])
+    now = routed["filestem"].map(current.set_index("filestem")["split"])
+    moved = routed[now != routed["split"]]
+    if len(moved):
+        example = moved.iloc[0]
+        where = now[moved.index[0]]
+        raise common.InputError(f"{path}: made for other splits ({len(moved)} images moved, e.g. "
+                                f"{example['filestem']} was {example['split']}, is now "
+                                f"{where if isinstance(where, str) else 'in no split'}); rerun "
+                                "03_train_age.py with the same --out")
 
 
 def _train_one_model(projection, group, frames, cache, args, edges, info, out_dir) -> dict:
@@ -148,7 +165,7 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
     settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     patience=args.patience, workers=args.workers,
                                     compile=args.compile, monitor="auc", seed=args.seed,
-                                    min_epoch_samples=args.min_epoch_samples)
+                                    min_epoch_samples=args.min_epoch_samples, force=args.force)
     meta = {"kind": "classifier", "task": "fracture", "arch": args.arch, "num_classes": 1,
             "image_size": args.image_size, "projection": projection, "age_group": group,
             "age_edges": list(edges), "route": args.route, "loss": args.loss,

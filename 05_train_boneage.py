@@ -8,8 +8,10 @@ Writes  OUT/boneage/best.pt, last.pt, history.csv, sample_audit.json   the model
                                        "test": {"mae", "mae_ci", "n", "baseline_mae"}}
         OUT/boneage/scatter.png, bland_altman.png, config.json
 
-The model: timm backbone features -> learnable GeM pooling -> concatenated sex embedding -> MLP
-head -> sigmoid x 240, so every prediction lies between 0 and 240 months. Sex is an input because
+The model: timm backbone features (features_only: no unused parameters, so DDP works on any
+number of ranks) -> GeM pooling of softplus(features) with a learnable exponent bounded to (1, 6)
+-> concatenated sex embedding -> MLP head -> sigmoid x 240, so every prediction lies between 0 and
+240 months. Any family 03/04 offer works (ResNet, ConvNeXt, ConvNeXtV2, Swin at its --image-size). Sex is an input because
 bone maturation differs by sex. Loss: mean absolute error in months, the metric the RSNA challenge
 reports; baseline_mae is the error of always predicting the training mean, the figure a model has
 to beat. mae_ci is a 95% bootstrap interval over images (one image per child in RSNA).
@@ -31,7 +33,10 @@ Run (after 01_split_test.py and 02_split_trainval.py with the same --out):
   python -m torch.distributed.run --nproc-per-node 4 05_train_boneage.py --preset full \\
       --pretrained convnext_tiny.safetensors --compile                                # 4 GPUs
   python 05_train_boneage.py --epochs 1 --image-size 32 --device cpu    # CPU smoke test
-A run stopped part way (crash, preemption) resumes from last.pt when rerun with the same settings.
+  python -m torch.distributed.run --nproc-per-node 2 --max-restarts 1 05_train_boneage.py \
+      --device cpu --arch test_convnext --image-size 32 --epochs 2      # 2 CPU ranks (gloo)
+A run stopped part way (crash, preemption) resumes from last.pt when rerun with the same code,
+data and settings; --force trains from scratch.
 """
 from __future__ import annotations
 
@@ -89,10 +94,12 @@ def main(argv=None):
 
         # The head starts at the training mean, so the first epochs learn the hand, not the offset.
         train_mean = float(frames["train"]["boneage"].mean())
-        model = common.build_boneage_model(args.arch, pretrained=args.pretrained, init_months=train_mean)
+        model = common.build_boneage_model(args.arch, pretrained=args.pretrained, init_months=train_mean,
+                                           image_size=args.image_size)
         settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         patience=args.patience, workers=args.workers,
-                                        compile=args.compile, monitor="mae", mode="min", seed=args.seed)
+                                        compile=args.compile, monitor="mae", mode="min", seed=args.seed,
+                                        force=args.force)
         # Everything 07_predict needs to rebuild the model, and everything that must match for
         # last.pt to be resumed (a changed split must not continue the old weights).
         meta = {"kind": "boneage", "arch": args.arch, "max_months": common.BONEAGE_MAX_MONTHS,

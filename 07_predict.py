@@ -39,6 +39,7 @@ Run:
   python 07_predict.py worklist.csv --models /srv/wrist_models --out results/
   python 07_predict.py scan.dcm --age 11 --cam --device cpu
   python 07_predict.py hands/ --projection AP --sex F --boneage
+  python 07_predict.py hands/ --sex F --boneage --models bone_age_run/   # a run with only 05's model
 """
 from __future__ import annotations
 
@@ -92,11 +93,13 @@ def main(argv=None):
     args = parse_args(argv)
     gradcam = importlib.import_module("06_gradcam")  # shared model lookup and Grad-CAM++ drawing
     fracture_models = gradcam.fracture_models(args.models / "fracture")
-    if not fracture_models:
-        raise common.InputError(f"{args.models / 'fracture'}: no trained fracture model (best.pt); pass "
-                                "--models with the outputs folder of 04_train_fracture_ddp.py, or run it first")
-    edges = _age_edges(fracture_models)
     boneage_path = args.models / "boneage" / "best.pt"
+    if not fracture_models and not (args.boneage and boneage_path.is_file()):
+        # A bone-age-only run (run_all.py --boneage-data alone) predicts bone age with --boneage.
+        raise common.InputError(f"{args.models / 'fracture'}: no trained fracture model (best.pt); pass "
+                                "--models with the outputs folder of 04_train_fracture_ddp.py, or run it first"
+                                + ("; for bone age alone add --boneage" if boneage_path.is_file() else ""))
+    edges = _age_edges(fracture_models) if fracture_models else None
     if args.boneage and not boneage_path.is_file():
         raise common.InputError(f"{boneage_path}: not found; --boneage needs the bone-age model: run "
                                 "05_train_boneage.py with --out set to the --models folder")
@@ -106,8 +109,12 @@ def main(argv=None):
     images = collect_inputs(args.inputs)
     common.log(f"07: {len(images)} input images; models from {args.models}")
     resolve_metadata(images, args)
-    assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
-    predict_fractures(images, fracture_models, edges, args, device, out_dir, gradcam if args.cam else None)
+    if fracture_models:
+        assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
+        predict_fractures(images, fracture_models, edges, args, device, out_dir, gradcam if args.cam else None)
+    else:
+        common.log(f"07: no fracture models under {args.models / 'fracture'}: bone age only")
+        _no_fracture_track(images)
     if args.boneage:
         predict_bone_age(images, boneage_path, args, device)
 
@@ -122,6 +129,16 @@ def main(argv=None):
     common.write_run_config(out_dir, args, models=str(args.models.resolve()))
     _print_summary(table, skipped, out_dir)
     return table
+
+
+def _no_fracture_track(images: pd.DataFrame) -> None:
+    """The fracture columns, empty, for a run that trained only the bone-age model; the images
+    are not listed as fracture skips (there was nothing to predict)."""
+    for column in ("age_group", "age_group_source", "fracture_prob", "fracture_pred", "threshold",
+                   "model", "cam_path"):
+        images[column] = None
+    no_projection = images["skip_reason"] == "no projection"
+    images.loc[no_projection, ["skip_reason", "skip_detail"]] = None
 
 
 def _age_edges(fracture_models: dict) -> tuple[float, ...]:
@@ -376,7 +393,7 @@ def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> 
 
 
 def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
-    names = common.age_group_names(edges)
+    names = common.age_group_names(edges) if edges is not None else []
     rows = images[["input_path", "study_id", "projection", "projection_source", "age_group",
                    "age_group_source", "fracture_prob", "fracture_pred", "threshold", "model"]].copy()
     rows["level"], rows["n_images"] = "image", 1

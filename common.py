@@ -89,10 +89,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_common_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the data and preset defaults: the demo preset goes with the demo data."""
+    """Fill the data and preset defaults: the demo preset goes with the demo data.
+
+    The wrist and bone-age tasks are independent datasets, so they are independent tracks:
+    neither --data nor --boneage-data gives the demo of both; either one alone runs that track
+    only, and the other stays None (its stages are skipped, never pointed at the demo).
+    """
     on_demo = args.data is None and args.boneage_data is None
-    args.data = Path(args.data) if args.data is not None else DEMO_WRIST_ROOT
-    args.boneage_data = Path(args.boneage_data) if args.boneage_data is not None else DEMO_BONEAGE_ROOT
+    if on_demo:
+        args.data, args.boneage_data = DEMO_WRIST_ROOT, DEMO_BONEAGE_ROOT
+    args.data = Path(args.data) if args.data is not None else None
+    args.boneage_data = Path(args.boneage_data) if args.boneage_data is not None else None
     args.out = Path(args.out)
     if args.preset is None:
         args.preset = "demo" if on_demo else "full"
@@ -120,6 +127,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--workers", type=int, help="loader processes per rank (default: 0 on CPU, "
                                                    "where the cache makes loading nearly free; 4 on GPU)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow to start)")
+    group.add_argument("--force", action="store_true",
+                       help="train from scratch even if a last.pt of the same code, data and settings "
+                            "exists (a torchrun restart of the same launch still resumes)")
     return parser
 
 
@@ -256,21 +266,46 @@ GRAZ_FLAGS = ["initial_exam", "cast", "diagnosis_uncertain", "osteopenia", "frac
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
 
-def index_images(root: Path) -> dict[str, Path]:
+class ImageIndex(dict):
+    """filestem -> image path, plus `duplicates`: stem -> the other files of that stem (ignored)."""
+
+    def __init__(self, found: dict[str, Path], duplicates: dict[str, list[Path]]):
+        super().__init__(found)
+        self.duplicates = duplicates
+
+    def duplicate_line(self, root: Path) -> str:
+        """One line for the exclusion report, or '' when every stem is unique."""
+        if not self.duplicates:
+            return ""
+        stem, others = next(iter(sorted(self.duplicates.items())))
+        return (f"{len(self.duplicates)} file stem(s) found more than once under {root} "
+                f"({sum(map(len, self.duplicates.values()))} extra file(s) ignored; the first path in "
+                f"sorted order is used, e.g. {stem}: {self[stem]} over {others[0]})")
+
+
+def index_images(root: Path) -> ImageIndex:
     """Map filestem -> image path for every image anywhere under `root`, in ONE walk of the tree.
 
     Handles images_part1..4/, a merged images/ folder, or any hospital layout. One walk instead of
-    one glob per row: 20k globs over a network share take minutes.
+    one glob per row: 20k globs over a network share take minutes. A stem found twice (a PNG and
+    a DICOM, or a file copied into two parts) resolves to the first path in sorted order, not to
+    whichever the file system lists first, so every copy of the data picks the same image; the
+    others are returned in `.duplicates` for the exclusion report.
     """
-    found: dict[str, Path] = {}
-    # Absolute paths: split CSVs must stay valid for a stage started from another folder.
-    for folder, _, files in os.walk(Path(root).resolve(), followlinks=True):
+    root = Path(root).resolve()  # absolute: split CSVs must stay valid from another folder
+    candidates: dict[str, list[Path]] = {}
+    for folder, _, files in os.walk(root, followlinks=True):
         for name in files:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                # A PNG wins over a DICOM of the same stem only by sort order; keep the first seen.
-                found.setdefault(stem, Path(folder) / name)
-    return found
+                candidates.setdefault(stem, []).append(Path(folder) / name)
+    found, duplicates = {}, {}
+    for stem, paths in candidates.items():
+        first, *others = sorted(paths, key=lambda path: path.relative_to(root).as_posix())
+        found[stem] = first
+        if others:
+            duplicates[stem] = others
+    return ImageIndex(found, duplicates)
 
 
 def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"),
@@ -684,7 +719,31 @@ def preprocess_image(path: Path, size: int) -> tuple[np.ndarray, Letterbox]:
     return letterbox(scale_to_unit(read_raw_image(path)), size)
 
 
-CACHE_VERSION = 1
+def preprocessing_key() -> str:
+    """A hash of the code that turns a file into cached pixels: the source of preprocess_image and
+    of every function of this module it calls (followed by name, transitively), plus the versions
+    of the decoders. The image cache is keyed by it, so any change to the preprocessing invalidates
+    the cached pixels by itself; a hand-bumped version number was forgotten and kept stale pixels.
+    """
+    import hashlib
+    import inspect
+    from importlib.metadata import PackageNotFoundError, version
+    sources: dict[str, str] = {}
+    pending = [preprocess_image]
+    while pending:
+        function = pending.pop()
+        if function.__name__ in sources:
+            continue
+        sources[function.__name__] = inspect.getsource(function)
+        pending += [globals()[name] for name in function.__code__.co_names
+                    if inspect.isfunction(globals().get(name))]
+    digest = hashlib.sha256(json.dumps(sorted(sources.items())).encode())
+    for package in ("opencv-python-headless", "opencv-python", "pydicom"):
+        try:
+            digest.update(f"{package}={version(package)}".encode())
+        except PackageNotFoundError:
+            continue
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -727,10 +786,11 @@ def build_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: st
     index_path = cache_dir / f"{name}_{size}.json"
     wanted = sorted({str(p) for p in paths})
     stamps = {p: _file_stamp(p) for p in wanted}
-    old_entries = _read_cache_index(index_path, array_path, size)
+    key = preprocessing_key()
+    old_entries = _read_cache_index(index_path, array_path, size, key)
     reusable = {p: e for p, e in old_entries.items() if e["stamp"] == stamps.get(p) and p in stamps}
     if len(reusable) == len(wanted):
-        log(f"image cache {array_path.name}: all {len(wanted)} images cached")
+        _log_builder(f"image cache {array_path.name}: all {len(wanted)} images cached")
         return _cache_from_entries(array_path, size, reusable)
 
     to_decode = [p for p in wanted if p not in reusable]
@@ -760,15 +820,24 @@ def build_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: st
         with atomic_path(index_path) as tmp_index:
             # The index is replaced first, then the array; a reader that finds the two out of step
             # (shape mismatch) rebuilds instead of trusting either.
-            tmp_index.write_text(json.dumps({"version": CACHE_VERSION, "size": size,
+            tmp_index.write_text(json.dumps({"preprocessing": key, "size": size,
                                              "count": len(order), "entries": entries}))
-    log(f"image cache {array_path.name}: decoded {len(to_decode)} images in {seconds:.1f} s "
+    _log_builder(f"image cache {array_path.name}: decoded {len(to_decode)} images in {seconds:.1f} s "
         f"({len(to_decode) / max(seconds, 1e-9):.0f} images/s), reused {len(keep)}, "
         f"{len(errors)} unreadable")
     return _cache_from_entries(array_path, size, entries)
 
 
-def _read_cache_index(index_path: Path, array_path: Path, size: int) -> dict[str, dict]:
+def _log_builder(message: str) -> None:
+    """The cache is built by local rank 0 of each node, which need not be global rank 0: print
+    there, tagged with the node, so a multi-node log shows which node decoded."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        node = os.environ.get("GROUP_RANK")
+        print(f"[node {node}] {message}" if node and int(os.environ.get("WORLD_SIZE", "1")) > 1
+              else message, flush=True)
+
+
+def _read_cache_index(index_path: Path, array_path: Path, size: int, key: str) -> dict[str, dict]:
     if not (index_path.is_file() and array_path.is_file()):
         return {}
     try:
@@ -776,7 +845,7 @@ def _read_cache_index(index_path: Path, array_path: Path, size: int) -> dict[str
         shape = np.load(array_path, mmap_mode="r").shape
     except (ValueError, OSError):
         return {}
-    if index.get("version") != CACHE_VERSION or index.get("size") != size or shape != (
+    if index.get("preprocessing") != key or index.get("size") != size or shape != (
             index.get("count"), size, size):
         return {}
     return index["entries"]
@@ -806,6 +875,9 @@ def _decode_into(array_path: Path, order: list[str], first_row: int, size: int,
         for path, error in progress(results, total=len(jobs), desc="decode images", unit="img"):
             if error:
                 errors[path] = error
+        # Drop this process's mapping: the next build in the same process reuses the same temporary
+        # name for a new file, and a kept mapping would write its pixels into the old one.
+        _WORKER_ARRAYS.pop(str(array_path)).flush()
         return errors
     context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -835,17 +907,36 @@ def _decode_job(job: tuple[str, int, str, int]) -> tuple[str, str | None]:
 
 def open_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: str,
                      workers: int | None = None) -> ImageCache:
-    """Build the cache on one process per node, then let every rank open it read-only."""
+    """Build the cache on one process per node, then let every rank open it read-only.
+
+    Local rank 0 of each node builds under an exclusive file lock in the cache folder: with one
+    --out shared by several nodes, the first node decodes while the others wait for the lock and
+    then find every image cached (a per-node --out builds one cache per node, also correct).
+    """
     import torch.distributed as dist
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        cache = build_image_cache(paths, size, cache_dir, name, workers)
+        with _cache_lock(Path(cache_dir) / f".{name}_{size}.lock"):
+            cache = build_image_cache(paths, size, cache_dir, name, workers)
     if distributed:
         dist.barrier()
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             index = read_json(Path(cache_dir) / f"{name}_{size}.json")
             cache = _cache_from_entries(Path(cache_dir) / f"{name}_{size}.npy", size, index["entries"])
     return cache
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """An exclusive lock on `path` across processes and nodes (flock; POSIX locks on NFS)."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cache_split_images(frames: dict[str, pd.DataFrame], size: int, out: Path, name: str,
@@ -869,8 +960,21 @@ def drop_unreadable(frame: pd.DataFrame, cache: ImageCache, what: str) -> pd.Dat
 # 5. Models and losses
 # ------------------------------------------------------------------------------------------------
 
+# Tiny members of the full preset's families, for tests and CPU smoke runs, in the spirit of timm's
+# own test_resnet / test_convnext (timm has none for Swin or ConvNeXtV2): a registered timm
+# architecture built with a few blocks of small width. Same code paths (GRN, windowed attention with
+# relative-position bias, shifted windows, NHWC features) at a fraction of the cost; no weights.
+TINY_FAMILY_MEMBERS = {
+    "test_convnextv2": ("convnextv2_atto", {"depths": (1, 1, 1, 1), "dims": (16, 32, 48, 64)}),
+    "test_swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": (1, 1, 2, 1),
+                                                   "num_heads": (1, 2, 2, 4), "window_size": 4}),
+}
+
+
 def check_architecture(arch: str) -> None:
     import timm
+    if arch in TINY_FAMILY_MEMBERS:
+        return
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -901,7 +1005,17 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str
     import timm
     check_architecture(arch)
     if image_size and any(family in arch for family in ("swin", "vit", "deit")):
-        kwargs["img_size"] = image_size  # transformers fix their input size (and position tables)
+        # Transformers fix their input size (and position tables). Swin at a size its window does
+        # not divide still works: timm shrinks a window larger than its stage's feature map to
+        # that map and pads the rest (checked down to 40 px for window 7 and 12).
+        kwargs["img_size"] = image_size
+    if arch in TINY_FAMILY_MEMBERS:
+        if pretrained is not None:
+            raise InputError(f"--arch {arch}: a tiny test model has no pretrained weights; drop "
+                             "--pretrained or pick a full-size architecture")
+        base, overrides = TINY_FAMILY_MEMBERS[arch]
+        return timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 **overrides, **kwargs)
     if pretrained is None:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained == "download":
@@ -951,36 +1065,59 @@ def binary_focal_loss(logits, targets, alpha: float = 0.5, gamma: float = 2.0):
     return (alpha_t * (1 - p_true) ** gamma * bce).mean()
 
 
-def build_gem(p: float = 3.0, eps: float = 1e-6):
+def build_gem(p: float = 3.0, p_max: float = 6.0, eps: float = 1e-6):
     """Generalised-mean pooling with a learnable exponent p (p=1: average, p->inf: max).
 
     Small, bright structures (a growth plate, a cortical break) survive GeM better than averaging.
+    The exponent is bounded, p = 1 + (p_max - 1) * sigmoid(raw), starting at `p`: a free p can
+    drift below 1 (no longer between mean and max) or far above, where x**p overflows in bf16.
+    The input is made non-negative by construction, softplus(x), because x**p needs x >= 0 and
+    ConvNeXt/Swin features are signed: clamping them at eps (the seed's way) threw away every
+    negative activation and its gradient, whereas softplus keeps their order and lets them learn.
     """
     torch, nn, F = _torch_modules()
+    fraction = (p - 1.0) / (p_max - 1.0)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"GeM: the initial exponent {p} must lie strictly between 1 and {p_max}")
 
     class GeM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.p = nn.Parameter(torch.tensor(float(p)))
-            self.eps = eps
+            self.raw_p = nn.Parameter(torch.tensor(math.log(fraction / (1.0 - fraction))))
+            self.p_max, self.eps = p_max, eps
+
+        @property
+        def p(self):
+            return 1.0 + (self.p_max - 1.0) * torch.sigmoid(self.raw_p)
 
         def forward(self, x):
-            pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(self.p), 1)
-            return pooled.pow(1.0 / self.p).flatten(1)
+            exponent = self.p
+            # The clamp only touches softplus outputs below eps (inputs below about -14), where the
+            # root's gradient would otherwise be infinite.
+            positive = F.softplus(x.float()).clamp(min=self.eps)
+            pooled = F.adaptive_avg_pool2d(positive.pow(exponent), 1)
+            return pooled.pow(1.0 / exponent).flatten(1)
 
     return GeM()
 
 
 def build_boneage_model(arch: str, pretrained: str | None = None, max_months: float = BONEAGE_MAX_MONTHS,
-                        init_months: float | None = None, sex_dim: int = 16):
+                        init_months: float | None = None, sex_dim: int = 16, image_size: int | None = None):
     """Backbone features -> GeM -> concat sex embedding -> MLP head -> sigmoid x max_months.
 
     The sigmoid keeps every prediction within [0, max_months]. Sex enters as an embedding because
     bone maturation differs by sex: the same hand means a different bone age in a girl and a boy.
     init_months sets the head's bias so training starts from the training mean, not 120 months.
+
+    The backbone is timm's features_only model up to its last stage: it owns no classifier and no
+    head norm, so every parameter gets a gradient and DDP needs no find_unused_parameters (the
+    whole ConvNeXt with num_classes=0 kept a head norm that forward_features never used, and 05
+    died at the second step on 2+ ranks). Swin gives NHWC features and needs its image size.
     """
     torch, nn, _ = _torch_modules()
-    backbone = create_model(arch, num_classes=0, global_pool="", pretrained=pretrained)
+    backbone = create_model(arch, num_classes=0, pretrained=pretrained, image_size=image_size,
+                            features_only=True, out_indices=(-1,))
+    channels = backbone.feature_info.channels()[-1]
     channels_last_output = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
 
     class BoneAgeModel(nn.Module):
@@ -989,7 +1126,7 @@ def build_boneage_model(arch: str, pretrained: str | None = None, max_months: fl
             self.backbone = backbone
             self.pool = build_gem()
             self.sex_embedding = nn.Embedding(2, sex_dim)
-            self.head = nn.Sequential(nn.Linear(backbone.num_features + sex_dim, 256), nn.GELU(),
+            self.head = nn.Sequential(nn.Linear(channels + sex_dim, 256), nn.GELU(),
                                       nn.Dropout(0.1), nn.Linear(256, 1))
             self.max_months = max_months
             if init_months is not None:
@@ -997,7 +1134,7 @@ def build_boneage_model(arch: str, pretrained: str | None = None, max_months: fl
                 nn.init.constant_(self.head[-1].bias, math.log(fraction / (1 - fraction)))
 
         def forward(self, images, male):
-            features = self.backbone.forward_features(images)
+            features = self.backbone(images)[-1]
             if channels_last_output:
                 features = features.permute(0, 3, 1, 2)
             pooled = self.pool(features)
@@ -1057,7 +1194,13 @@ def setup_distributed(device_choice: str = "auto") -> DistInfo:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        # torchrun keeps one store across restarts (--max-restarts): without a fresh key space per
+        # attempt, a restarted rank can read its peers' addresses from the attempt that crashed
+        # and fail to connect (seen with gloo: "connectFullMesh failed ... Connection refused").
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world_size, **kwargs)
     if device.type == "cpu":
         # torchrun's default of 1 thread per worker is right for N workers on N cores; a single
         # process may use them all.
@@ -1067,8 +1210,17 @@ def setup_distributed(device_choice: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """barrier + destroy_process_group, then flush: without it gloo aborts at exit now and then."""
+    """barrier + destroy_process_group, then flush: without it gloo aborts at exit now and then.
+
+    Called from a stage's `finally`. When an exception is on its way out of a multi-rank run, the
+    barrier would wait for ranks that are busy in another collective until the timeout (30 min):
+    instead this rank prints its error and leaves at once (`end_launch`), torchrun sees a failed
+    worker and stops the others, and the whole launch ends within seconds.
+    """
     import torch.distributed as dist
+    error = sys.exc_info()[1]
+    if error is not None and dist.is_available() and dist.is_initialized():
+        end_launch(error)
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
@@ -1076,6 +1228,26 @@ def cleanup_distributed() -> None:
             dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def end_launch(error: BaseException) -> None:
+    """Print one rank's error (one line for an InputError, the traceback for a bug) and exit now.
+
+    os._exit skips the interpreter's shutdown, which would wait in gloo/NCCL teardown for peers
+    that never come. A clean SystemExit (code 0 or None) is not an error and exits normally.
+    """
+    import traceback
+    if isinstance(error, SystemExit) and not isinstance(error, InputError) and error.code in (0, None):
+        return
+    rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if isinstance(error, InputError):
+        message = f"{error.code} [rank {rank} of {world_size}]"
+    else:
+        message = (f"[rank {rank} of {world_size}] "
+                   + "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def barrier() -> None:
@@ -1128,12 +1300,19 @@ class EpochSampler:
     """
 
     def __init__(self, labels: Sequence[int], *, balanced: bool, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch_size: int | None = None):
+                 seed: int = 0, epoch_size: int | None = None, batch_shares: Sequence[int] | None = None):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.balanced = balanced
         self.rank, self.world_size, self.seed = rank, world_size, seed
         total = epoch_size or len(self.labels)
-        self.per_rank = total // world_size
+        # batch_shares (from batch_plan): the epoch is a run of global batches of sum(shares) draws,
+        # and rank r takes its contiguous share of each; shares may differ by one between ranks.
+        self.batch_shares = list(batch_shares) if batch_shares is not None else None
+        if self.batch_shares is not None:
+            self.steps = total // sum(self.batch_shares)
+            self.per_rank = self.steps * self.batch_shares[rank]
+        else:
+            self.per_rank = total // world_size
         self.epoch = 0
         if balanced and len(np.unique(self.labels)) < 2:
             raise ValueError("a balanced sampler needs both classes in the training set")
@@ -1144,7 +1323,7 @@ class EpochSampler:
     def epoch_indices(self) -> np.ndarray:
         """The whole epoch's draw (all ranks), identical on every rank."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        total = self.per_rank * self.world_size
+        total = self.intended_samples
         if not self.balanced:
             return _cycled_permutation(np.arange(len(self.labels)), total, rng)
         classes = np.unique(self.labels)
@@ -1152,11 +1331,43 @@ class EpochSampler:
         draws = [_cycled_permutation(np.flatnonzero(self.labels == c), n, rng) for c, n in zip(classes, shares)]
         return rng.permutation(np.concatenate(draws))
 
+    @property
+    def intended_samples(self) -> int:
+        """Draws per epoch over all ranks."""
+        if self.batch_shares is not None:
+            return self.steps * sum(self.batch_shares)
+        return self.per_rank * self.world_size
+
     def __iter__(self):
-        return iter(self.epoch_indices()[self.rank::self.world_size].tolist())
+        draw = self.epoch_indices()
+        if self.batch_shares is None:
+            return iter(draw[self.rank::self.world_size].tolist())
+        start = sum(self.batch_shares[:self.rank])
+        batches = draw.reshape(self.steps, sum(self.batch_shares))
+        return iter(batches[:, start:start + self.batch_shares[self.rank]].reshape(-1).tolist())
 
     def __len__(self) -> int:
         return self.per_rank
+
+
+def batch_plan(n_draws: int, batch_size: int, world_size: int) -> tuple[list[int], int]:
+    """Each rank's share of one global batch, and the steps per epoch, for `n_draws` per epoch.
+
+    --batch-size is the GLOBAL batch, exact whatever the number of ranks: 32 on 3 ranks is
+    11 + 11 + 10 (fit weights each rank's loss by its share, so the step equals one process's
+    step on those 32 images). A training set smaller than one batch trains in one smaller step.
+    """
+    if world_size > n_draws:
+        raise InputError(f"the training set has {n_draws} draws per epoch, fewer than the {world_size} "
+                         "processes: every rank needs at least one image; launch fewer processes "
+                         "(--nproc-per-node) or train on more images")
+    if batch_size < world_size:
+        raise InputError(f"--batch-size {batch_size} is smaller than the {world_size} processes; "
+                         f"give a global batch of at least {world_size}")
+    global_batch = min(batch_size, n_draws)
+    shares = [global_batch // world_size + (1 if rank < global_batch % world_size else 0)
+              for rank in range(world_size)]
+    return shares, n_draws // global_batch
 
 
 def _cycled_permutation(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -1208,7 +1419,8 @@ def load_trained_model(path: Path, device="cpu"):
     """
     checkpoint = load_checkpoint(path)
     if checkpoint.get("kind") == "boneage":
-        model = build_boneage_model(checkpoint["arch"], max_months=checkpoint["max_months"])
+        model = build_boneage_model(checkpoint["arch"], max_months=checkpoint["max_months"],
+                                    image_size=checkpoint.get("image_size"))
     else:
         model = create_model(checkpoint["arch"], num_classes=checkpoint["num_classes"],
                              image_size=checkpoint.get("image_size"))
@@ -1303,10 +1515,11 @@ class TrainSettings:
     mode: str = "max"           # "max" for AUC/accuracy, "min" for MAE
     seed: int = 42
     min_epoch_samples: int = 0  # small training sets are cycled up to this many draws per epoch
+    force: bool = False         # ignore last.pt and train from scratch (see _resume)
 
     def identity(self) -> dict:
-        """The settings that change the result (not workers or compile): resume only if equal."""
-        return {k: v for k, v in asdict(self).items() if k not in ("workers", "compile")}
+        """The settings that change the result (not workers, compile or force): resume only if equal."""
+        return {k: v for k, v in asdict(self).items() if k not in ("workers", "compile", "force")}
 
 
 @dataclass
@@ -1387,14 +1600,18 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
         # then. (2-rank CPU runs warn "Grad strides do not match" for 1x1 and depthwise kernels
         # whose gradients differ only in the strides of size-1 dimensions: the same bytes, no cost.)
         model = model.to(memory_format=torch.channels_last)
-    # --batch-size is the GLOBAL batch: each of W ranks takes B/W of it, so 1 and N processes
-    # step through the same batches with the same learning-rate schedule. Every batch is full
-    # (a BatchNorm batch of one sample would fail) and every rank gets the same number of them.
-    rank_batch = max(1, settings.batch_size // info.world_size)
-    per_rank = max(len(train_set), settings.min_epoch_samples) // info.world_size
-    per_rank = per_rank // rank_batch * rank_batch or per_rank
+    # --batch-size is the GLOBAL batch, exact for any number of ranks: each rank takes its share
+    # of every global batch (shares differ by at most one), so 1 and N processes step through the
+    # same batches with the same learning-rate schedule. Every batch is full and every rank runs
+    # the same number of steps, so no rank waits in a collective for a step another never takes.
+    n_draws = max(len(train_set), settings.min_epoch_samples)
+    shares, steps = batch_plan(n_draws, settings.batch_size, info.world_size)
+    rank_batch, global_batch = shares[info.rank], sum(shares)
+    # DDP averages gradients over ranks with equal weight; a rank with a larger share must count
+    # for more, so each rank's mean loss is scaled by share * W / B (1 when the shares are equal).
+    loss_weight = rank_batch * info.world_size / global_batch
     sampler = EpochSampler(train_labels, balanced=balanced, rank=info.rank, world_size=info.world_size,
-                           seed=settings.seed, epoch_size=per_rank * info.world_size)
+                           seed=settings.seed, epoch_size=steps * global_batch, batch_shares=shares)
     loader = make_loader(train_set, batch_size=rank_batch, sampler=sampler,
                          workers=settings.workers, device=info.device)
     steps_per_epoch = max(1, len(loader))
@@ -1403,13 +1620,17 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
                                settings.epochs * steps_per_epoch)
     early = EarlyStopping(settings.mode, settings.patience)
     history: list[dict] = []
-    start_epoch, best_state = _resume(run_dir, checkpoint_meta, model, optimizer, scheduler, early, history, info)
+    # last.pt is resumed only if the code, the data and the settings that made it are the same.
+    resume_meta = {**checkpoint_meta, "code": code_fingerprint(forward), "data": dataset_fingerprint(train_set)}
+    start_epoch, best_state = _resume(run_dir, resume_meta, model, optimizer, scheduler, early, history,
+                                      info, force=settings.force)
 
     train_model = DistributedDataParallel(model, device_ids=[info.device.index] if on_cuda else None) \
         if info.distributed else model
     if settings.compile:
         train_model = torch.compile(train_model)
     crash_epoch = int(os.environ.get("PIPELINE_CRASH_AFTER_EPOCH", "0"))  # for resume tests only
+    fail_rank = int(os.environ.get("PIPELINE_FAIL_RANK", "-1"))  # for the fail-fast test only
     audited = False
     for epoch in range(start_epoch, settings.epochs):
         if early.should_stop:
@@ -1427,10 +1648,12 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
             targets = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if k != "image"}
             loss = loss_fn(outputs.float(), targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * loss_weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
             scheduler.step()
+            if info.rank == fail_rank:  # the other ranks are now waiting in the next step's all-reduce
+                raise RuntimeError(f"PIPELINE_FAIL_RANK={fail_rank}: injected failure on rank {info.rank}")
             loss_sum += loss.item() * len(images)
             seen += len(images)
             if not audited:
@@ -1459,7 +1682,7 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
             if improved:
                 save_checkpoint({**checkpoint_meta, "state_dict": best_state, "epoch": epoch + 1,
                                  "val": _primitives(val)}, run_dir / "best.pt")
-            save_checkpoint({"meta": checkpoint_meta, "model": model.state_dict(),
+            save_checkpoint({"meta": resume_meta, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "epoch": epoch + 1, "early": asdict(early), "history": history,
                              "torch_rng": torch.get_rng_state()}, run_dir / "last.pt")
@@ -1467,9 +1690,11 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
         log(f"epoch {epoch + 1:3d}/{settings.epochs}  loss {row['train_loss']:.4f}  "
             f"val {settings.monitor} {val[settings.monitor]:.4f}{' *' if improved else '  '}  "
             f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s")
+        if crash_epoch and epoch + 1 == crash_epoch:
+            barrier()  # rank 0 has written last.pt before any rank leaves
         if crash_epoch and epoch + 1 == crash_epoch and info.rank == int(os.environ.get("PIPELINE_CRASH_RANK", "0")):
-            log(f"PIPELINE_CRASH_AFTER_EPOCH={crash_epoch}: exiting on purpose to test resume")
-            sys.stdout.flush()
+            print(f"PIPELINE_CRASH_AFTER_EPOCH={crash_epoch}: rank {info.rank} exits on purpose to test "
+                  "resume", flush=True)
             os._exit(17)
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -1538,14 +1763,54 @@ def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def code_fingerprint(forward: Callable) -> str:
+    """A hash of the training code: the stage file that defines `forward`, and this module."""
+    import hashlib
+    digest = hashlib.sha256()
+    for path in sorted({Path(forward.__code__.co_filename).resolve(), Path(__file__).resolve()}):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset) -> str | None:
+    """A hash of exactly what a CachedImageDataset trains on: its cached pixels and its values
+    (targets, sex, ...). A relabelled image, an edited file or a new preprocessing changes it even
+    when the split's ids do not. Reads the rows once (about a second per GB of cache)."""
+    import hashlib
+    if not isinstance(dataset, CachedImageDataset):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(dataset.values):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(dataset.values[name]).tobytes())
+    pixels = np.load(dataset.array_path, mmap_mode="r")
+    for start in range(0, len(dataset.rows), 1024):
+        digest.update(np.ascontiguousarray(pixels[dataset.rows[start:start + 1024]]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _resume(run_dir: Path, meta: dict, model, optimizer, scheduler, early: EarlyStopping,
-            history: list, info: DistInfo):
-    """Continue from last.pt when it was written with the same settings; otherwise start fresh."""
+            history: list, info: DistInfo, force: bool = False):
+    """Continue from last.pt when the same code, data and settings wrote it; otherwise start fresh.
+
+    force (--force): start fresh and remove the previous run's last.pt/best.pt, except in a
+    torchrun restart of this launch (TORCHELASTIC_RESTART_COUNT > 0), which resumes the epochs
+    this launch already trained.
+    """
     last = run_dir / "last.pt"
     start_epoch, best_state = 0, None
-    if last.is_file():
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if force and not restarted:
+        barrier()  # every rank has seen the old files before rank 0 removes them
+        if info.is_main:
+            for name in ("last.pt", "best.pt"):
+                (run_dir / name).unlink(missing_ok=True)
+        log(f"{run_dir}: --force, training from scratch")
+    elif last.is_file():
         state = load_checkpoint(last)
-        if state.get("meta") == meta:
+        old_meta = state.get("meta") or {}
+        if old_meta == meta:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -1557,7 +1822,9 @@ def _resume(run_dir: Path, meta: dict, model, optimizer, scheduler, early: Early
                 best_state = load_checkpoint(run_dir / "best.pt")["state_dict"]
             log(f"resuming {run_dir} from last.pt after epoch {start_epoch}")
         else:
-            log(f"{last}: written with other settings; training from scratch")
+            changed = [what for what, keys in (("code", ["code"]), ("data", ["data", "splits"]))
+                       if any(old_meta.get(k) != meta.get(k) for k in keys)]
+            log(f"{last}: written by other {' and '.join(changed) or 'settings'}; training from scratch")
     agreed = broadcast_object(start_epoch)
     if agreed != start_epoch:
         raise InputError(f"{run_dir}: ranks disagree on where to resume ({agreed} vs {start_epoch}); "
@@ -1566,14 +1833,20 @@ def _resume(run_dir: Path, meta: dict, model, optimizer, scheduler, early: Early
 
 
 def _write_sample_audit(run_dir: Path, epoch: int, drawn: list, info: DistInfo, sampler: EpochSampler) -> None:
-    """Record which dataset indices each rank trained on in one epoch (checked by the DDP test)."""
+    """Record which dataset indices each rank trained on in one epoch (checked by the DDP tests)."""
     import torch
     local = torch.cat(drawn) if drawn else torch.empty(0, dtype=torch.long)
-    gathered = gather_rows(local, info.device).numpy().reshape(info.world_size, -1)
+    # Shares may differ by a batch's remainder; all_gather needs equal shapes, so pad with -1.
+    longest = int(max(all_reduce_sum([0.0] * info.rank + [len(local)] + [0.0] * (info.world_size - info.rank - 1),
+                                     info.device)))
+    padded = torch.full((longest,), -1, dtype=torch.long)
+    padded[:len(local)] = local
+    gathered = gather_rows(padded, info.device).numpy().reshape(info.world_size, -1)
     if info.is_main:
         write_json({"epoch": epoch + 1, "world_size": info.world_size, "balanced": sampler.balanced,
-                    "intended_samples": sampler.per_rank * info.world_size,
-                    "indices_by_rank": gathered.tolist()}, run_dir / "sample_audit.json")
+                    "batch_shares": sampler.batch_shares, "intended_samples": sampler.intended_samples,
+                    "indices_by_rank": [[int(i) for i in row if i >= 0] for row in gathered]},
+                   run_dir / "sample_audit.json")
 
 
 def _primitives(values: dict) -> dict:

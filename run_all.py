@@ -3,17 +3,23 @@
   demo data (only without --data/--boneage-data) -> 01 test split -> 02 train/val split
   -> 03 age router -> 04 fracture models -> 05 bone age -> 06 Grad-CAM++ -> outputs/REPORT.md
 
+Two independent tracks: wrist (01, 02, 03, 04, 06) runs when --data is given, bone age (01, 02,
+05) when --boneage-data is given; with neither, the demo runs both.
+
 03, 04 and 05 run under `python -m torch.distributed.run` (torchrun) with --nproc-per-node
 processes (default: the number of visible GPUs, 1 on CPU); multi-node flags pass through.
 
 A stage is skipped when its outputs are complete and its inputs and settings are unchanged since
 it last finished (OUT/manifests/<stage>.json records a hash of both); --force reruns. A run that
 was interrupted (Ctrl-C, a killed process) resumes when rerun with the same command: finished
-stages are skipped and a training stage continues from its last.pt.
+stages are skipped and a training stage continues from its last.pt, provided its code, data and
+settings are unchanged (otherwise it trains from scratch; --force also makes 03/04/05 retrain).
 
 Run:
   python run_all.py                                   # the demo, end to end, on a CPU
   python run_all.py --data GRAZPEDWRI --boneage-data RSNA --pretrained-dir WEIGHTS   # full preset
+  python run_all.py --data GRAZPEDWRI                 # the wrist track alone
+  python run_all.py --boneage-data RSNA               # the bone-age track alone
   python run_all.py --only 04 --extra "04=--loss bce --sampler none"   # one stage, extra flags
   python run_all.py --nnodes 2 --node-rank 0 --rdzv-endpoint host0:29500 --data ...   # 2 nodes
 """
@@ -36,28 +42,32 @@ class Stage:
     name: str
     script: str
     distributed: bool = False
-    inputs: list[str] = field(default_factory=list)   # files under OUT it reads
-    outputs: list[str] = field(default_factory=list)  # files under OUT that mean "done"
+    # Files under OUT it reads, and files under OUT that mean "done", per track ("wrist",
+    # "boneage"): the split stages serve both tracks, the others one.
+    inputs: dict[str, list[str]] = field(default_factory=dict)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
 
 
 STAGES = [
-    Stage("01", "01_split_test.py", inputs=[],
-          outputs=["splits/wrist_test.csv", "splits/boneage_test.csv", "splits/age_groups.json"]),
-    Stage("02", "02_split_trainval.py", inputs=["splits/wrist_test.csv", "splits/boneage_test.csv"],
-          outputs=["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/boneage_train.csv",
-                   "splits/split_report.md"]),
+    Stage("01", "01_split_test.py",
+          outputs={"wrist": ["splits/wrist_test.csv", "splits/age_groups.json"],
+                   "boneage": ["splits/boneage_test.csv"]}),
+    Stage("02", "02_split_trainval.py",
+          inputs={"wrist": ["splits/wrist_test.csv"], "boneage": ["splits/boneage_test.csv"]},
+          outputs={"wrist": ["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/split_report.md"],
+                   "boneage": ["splits/boneage_train.csv", "splits/boneage_val.csv", "splits/split_report.md"]}),
     Stage("03", "03_train_age.py", distributed=True,
-          inputs=["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/wrist_test.csv"],
-          outputs=["age/best.pt", "age/predictions.csv", "age/metrics.json"]),
+          inputs={"wrist": ["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/wrist_test.csv"]},
+          outputs={"wrist": ["age/best.pt", "age/predictions.csv", "age/metrics.json"]}),
     Stage("04", "04_train_fracture_ddp.py", distributed=True,
-          inputs=["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/wrist_test.csv",
-                  "age/predictions.csv"],
-          outputs=["fracture/summary.csv", "fracture/test_predictions.csv"]),
+          inputs={"wrist": ["splits/wrist_train.csv", "splits/wrist_val.csv", "splits/wrist_test.csv",
+                            "age/predictions.csv"]},
+          outputs={"wrist": ["fracture/summary.csv", "fracture/test_predictions.csv"]}),
     Stage("05", "05_train_boneage.py", distributed=True,
-          inputs=["splits/boneage_train.csv", "splits/boneage_val.csv", "splits/boneage_test.csv"],
-          outputs=["boneage/best.pt", "boneage/metrics.json", "boneage/predictions.csv"]),
-    Stage("06", "06_gradcam.py", inputs=["fracture/summary.csv", "fracture/test_predictions.csv"],
-          outputs=["gradcam/index.csv"]),
+          inputs={"boneage": ["splits/boneage_train.csv", "splits/boneage_val.csv", "splits/boneage_test.csv"]},
+          outputs={"boneage": ["boneage/best.pt", "boneage/metrics.json", "boneage/predictions.csv"]}),
+    Stage("06", "06_gradcam.py", inputs={"wrist": ["fracture/summary.csv", "fracture/test_predictions.csv"]},
+          outputs={"wrist": ["gradcam/index.csv"]}),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
 PRETRAINED_FILES = {"03": "age", "04": "fracture", "05": "boneage"}
@@ -84,6 +94,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.on_demo = args.data is None and args.boneage_data is None
     common.resolve_common_args(args)
+    args.tracks = [track for track, data in (("wrist", args.data), ("boneage", args.boneage_data))
+                   if data is not None]
     args.extra = _parse_extra(parser, args.extra)
     if args.nnodes > 1 and not args.rdzv_endpoint:
         parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -98,11 +110,15 @@ def main(argv=None):
     commands = []
     if args.on_demo and not (args.only or args.first):
         commands.append(_run([sys.executable, "data/make_demo.py"], "demo data"))
+    for track, flag, stages in (("wrist", "--data", "03, 04, 06"), ("boneage", "--boneage-data", "05")):
+        if track not in args.tracks:
+            name = "bone age" if track == "boneage" else "the wrist track"
+            print(f"{name} ({stages}) skipped: no {flag} given", flush=True)
     for stage in _selected(args):
         command = _command(stage, args)
         manifest = args.out / "manifests" / f"{stage.name}.json"
         fingerprint = _fingerprint(stage, command, args)
-        if not args.force and _up_to_date(stage, manifest, fingerprint, args.out):
+        if not args.force and _up_to_date(stage, manifest, fingerprint, args.out, args.tracks):
             print(f"[{stage.name}] up to date, skipped (--force reruns it)", flush=True)
             commands.append(shlex.join(command))
             continue
@@ -124,11 +140,14 @@ def _parse_extra(parser, items: list[str]) -> dict[str, list[str]]:
 
 
 def _selected(args) -> list[Stage]:
+    """The stages asked for (--only/--from/--to) that serve a track whose data was given."""
     if args.only:
-        return [s for s in STAGES if s.name == args.only]
-    first = STAGE_NAMES.index(args.first) if args.first else 0
-    last = STAGE_NAMES.index(args.last) if args.last else len(STAGES) - 1
-    return STAGES[first:last + 1]
+        chosen = [s for s in STAGES if s.name == args.only]
+    else:
+        first = STAGE_NAMES.index(args.first) if args.first else 0
+        last = STAGE_NAMES.index(args.last) if args.last else len(STAGES) - 1
+        chosen = STAGES[first:last + 1]
+    return [stage for stage in chosen if set(stage.outputs) & set(args.tracks)]
 
 
 def _command(stage: Stage, args) -> list[str]:
@@ -136,7 +155,11 @@ def _command(stage: Stage, args) -> list[str]:
     flags = ["--out", str(args.out), "--preset", args.preset, "--device", args.device,
              "--seed", str(args.seed)]
     if not args.on_demo:
-        flags += ["--data", str(args.data), "--boneage-data", str(args.boneage_data)]
+        for flag, data in (("--data", args.data), ("--boneage-data", args.boneage_data)):
+            if data is not None:
+                flags += [flag, str(data)]
+    if args.force and stage.distributed:
+        flags += ["--force"]  # retrain from scratch, not resume a finished last.pt
     if args.pretrained_dir and stage.name in PRETRAINED_FILES:
         flags += ["--pretrained", str(_pretrained_file(args.pretrained_dir, PRETRAINED_FILES[stage.name]))]
     flags += args.extra.get(stage.name, [])
@@ -172,19 +195,24 @@ def _pretrained_file(folder: Path, stem: str) -> Path:
 def _fingerprint(stage: Stage, command: list[str], args) -> str:
     """Hash of the stage's command-line settings, its inputs' contents and its code."""
     digest = hashlib.sha256()
-    settings = [c for c in command if not c.startswith("--standalone")]
+    # --force is how a stage was run, not what it makes: a forced run leaves the stage up to date.
+    settings = [c for c in command if not c.startswith("--standalone") and c != "--force"]
     digest.update(json.dumps(settings[settings.index(stage.script):]).encode())
-    sources = [args.out / name for name in stage.inputs]
+    sources = [args.out / name for track in args.tracks for name in stage.inputs.get(track, [])]
     if stage.name == "01":
-        sources += [args.data / "dataset.csv", common.find_boneage_csv(args.boneage_data)]
+        if args.data is not None:
+            sources.append(args.data / "dataset.csv")
+        if args.boneage_data is not None:
+            sources.append(common.find_boneage_csv(args.boneage_data))
     for path in [*sources, common.ROOT / stage.script, common.ROOT / "common.py"]:
         digest.update(str(path).encode())
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
     return digest.hexdigest()
 
 
-def _up_to_date(stage: Stage, manifest: Path, fingerprint: str, out: Path) -> bool:
-    if not manifest.is_file() or not all((out / name).is_file() for name in stage.outputs):
+def _up_to_date(stage: Stage, manifest: Path, fingerprint: str, out: Path, tracks: list[str]) -> bool:
+    outputs = [name for track in tracks for name in stage.outputs.get(track, [])]
+    if not manifest.is_file() or not all((out / name).is_file() for name in outputs):
         return False
     return common.read_json(manifest).get("fingerprint") == fingerprint
 

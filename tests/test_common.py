@@ -265,11 +265,24 @@ def test_focal_loss_with_gamma_zero_is_alpha_weighted_bce():
 
 def test_gem_pooling_is_learnable_and_between_mean_and_max():
     gem = common.build_gem(p=3.0)
-    x = torch.rand(2, 4, 5, 5) + 0.01
+    assert gem.p.item() == pytest.approx(3.0)
+    x = torch.randn(2, 4, 5, 5) * 3  # signed, as ConvNeXt features are
     pooled = gem(x)
     assert pooled.shape == (2, 4)
-    assert torch.all(pooled >= x.mean(dim=(2, 3)) - 1e-6) and torch.all(pooled <= x.amax(dim=(2, 3)) + 1e-6)
+    positive = torch.nn.functional.softplus(x)  # GeM pools softplus(x): non-negative by construction
+    assert torch.all(pooled >= positive.mean(dim=(2, 3)) - 1e-5) and torch.all(pooled <= positive.amax(dim=(2, 3)) + 1e-5)
     assert gem.p.requires_grad
+    pooled.sum().backward()
+    assert (x.requires_grad is False) and gem.raw_p.grad is not None
+    # a negative activation still moves the output (a clamp at eps would zero its gradient)
+    x = torch.full((1, 1, 2, 2), -2.0, requires_grad=True)
+    gem(x).sum().backward()
+    assert torch.all(x.grad > 0)
+    # the exponent stays within (1, p_max) however far the raw parameter is pushed
+    with torch.no_grad():
+        for raw in (-1e4, 1e4):
+            gem.raw_p.fill_(raw)
+            assert 1.0 <= gem.p.item() <= 6.0
 
 
 def test_model_factory_errors(tmp_path, monkeypatch):
