@@ -132,7 +132,8 @@ def test_early_stopping_stops_exactly_at_the_patience(tiny_sets, tmp_path, patie
     script = ScriptedValidation([0.60, 0.80, 0.70, 0.75, 0.79, 0.99, 0.99, 0.99])
     result = train(new_model(), train_set, labels, script, tmp_path, epochs=8, patience=patience)
     stop_epoch = 2 + patience  # the best epoch, then `patience` epochs without improvement
-    assert len(script.weights) == stop_epoch
+    validated = len(script.weights)
+    assert validated == stop_epoch, f"validated {validated} epochs; patience {patience} stops after {stop_epoch}"
     assert [row["epoch"] for row in result["history"]] == list(range(1, stop_epoch + 1))
     assert result["best"] == {"epoch": 2, "auc": 0.80}
     assert len(pd.read_csv(tmp_path / "history.csv")) == stop_epoch
