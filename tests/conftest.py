@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,31 @@ def small_demo(tmp_path_factory) -> Path:
     load_make_demo().main(["--out", str(out), "--wrist-patients", "160", "--boneage-images", "120",
                            "--seed", "0"])
     return out
+
+
+@dataclass
+class DemoSplits:
+    """01 + 02 run once on the small demo; tests copy the splits into an output folder of their own."""
+    out: Path
+    cache: Path
+
+    def copy_to(self, target: Path) -> Path:
+        """target/splits as 01/02 wrote them, and target/cache -> one image cache all tests share
+        (entries are keyed by source path and file stamp, so sharing never serves stale pixels)."""
+        shutil.copytree(self.out / "splits", target / "splits")
+        (target / "cache").symlink_to(self.cache, target_is_directory=True)
+        return target
+
+
+@pytest.fixture(scope="session")
+def demo_splits(small_demo, tmp_path_factory) -> DemoSplits:
+    out = tmp_path_factory.mktemp("demo_splits")
+    flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
+             "--out", str(out), "--preset", "demo"]
+    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
+    load_stage("02_split_trainval").main(flags)
+    cache = tmp_path_factory.mktemp("image_cache")
+    return DemoSplits(out, cache)
 
 
 def cr_dicom() -> Path:

@@ -17,7 +17,7 @@ from conftest import ROOT
 QUICK = ["--preset", "demo", "--device", "cpu",
          "--extra", "01=--per-cell 2",
          "--extra", "03=--epochs 1 --image-size 48",
-         "--extra", "04=--epochs 1 --image-size 48 --groups 1,2 --bootstrap 50",
+         "--extra", "04=--epochs 1 --image-size 48 --groups 1,2 --bootstrap 50 --min-epoch-samples 0",
          "--extra", "05=--epochs 1 --image-size 48",
          "--extra", "06=--max-per-model 2"]
 
@@ -74,6 +74,10 @@ def test_every_stage_output_and_the_report(finished_run):
 
 def test_second_run_trains_nothing(finished_run, small_demo):
     out, _ = finished_run
+    # Another test of this module reruns a stage with other settings in the same folder; bring it
+    # back to these settings first, so this test passes alone and in any order.
+    settled = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
+    assert settled.returncode == 0, settled.stderr[-2000:]
     before = digest(out / "fracture")
     start = time.perf_counter()
     again = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
