@@ -99,9 +99,11 @@ def test_study_pred_is_what_07_decides_for_the_same_images(evaluated, tmp_path):
     assert row["specificity"] == pytest.approx(1 - decisions[labels == 0].mean())
 
 
-def _cells(report: str, first: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
+def _cells(report: str, first: str, width: int) -> list[list[str]]:
+    """The cells of the report's table rows that start with `first` and have `width` cells."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
             if line.startswith(f"| {first} |")]
+    return [cells for cells in rows if len(cells) == width]
 
 
 def _with_ci(cell: str) -> list[float]:
@@ -114,7 +116,7 @@ def test_report_figures_equal_the_metrics_files(evaluated):
     names = ["auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "ppv_at_prevalence", "npv_at_prevalence"]
     checked = 0
     for scope in ("cascade_true", "cascade_pred", "study_pred"):
-        for cells in _cells(report, scope):
+        for cells in _cells(report, scope, 12):
             row = points[(points["scope"] == scope) & (points["rule"] == cells[1])].iloc[0]
             assert cells[2] == f"{int(row['n'])} ({int(row['n_pos'])})"
             for name, cell in zip(names, cells[3:]):
@@ -126,19 +128,19 @@ def test_report_figures_equal_the_metrics_files(evaluated):
     assert f"({points['prevalence'].iloc[0]:.3f})" in report
     calibration = json.loads((evaluated / "fracture" / "calibration.json").read_text())
     for scope, values in calibration.items():
-        (cells,) = _cells(report, scope)
+        (cells,) = _cells(report, scope, 5)
         assert [float(c) for c in cells[1:]] == [round(values[k][m], 3) for m in ("brier", "ece")
                                                  for k in ("raw", "calibrated")]
     summary = pd.read_csv(evaluated / "fracture" / "summary.csv")
     cascade = summary[summary["kind"] == "cascade_pred_group"].iloc[0]
-    (cells,) = _cells(report, "cascade pred group")
+    (cells,) = _cells(report, "cascade pred group", 8)
     assert _with_ci(cells[3]) == [round(cascade[k], 3) for k in ("test_auc", "test_auc_ci_low", "test_auc_ci_high")]
     subgroups = pd.read_csv(evaluated / "fracture" / "subgroups.csv", dtype={"value": str})
     no_cast = subgroups[(subgroups["subgroup"] == "cast") & (subgroups["value"] == "0")].iloc[0]
     assert f"without a cast {no_cast['auc']:.3f} [{no_cast['auc_lo']:.3f}, {no_cast['auc_hi']:.3f}]" in report
     assert "--exclude-cast" in report
     boneage = json.loads((evaluated / "boneage" / "metrics.json").read_text())["test"]
-    (cells,) = _cells(report, "all")
+    (cells,) = _cells(report, "all", 6)
     for name, cell in zip(("mae", "rmse", "r2", "bias"), cells[2:]):
         assert _with_ci(cell) == [round(boneage[name], 3), round(boneage[f"{name}_lo"], 3),
                                   round(boneage[f"{name}_hi"], 3)]
