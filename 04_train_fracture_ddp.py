@@ -281,8 +281,7 @@ def _write_summary(out_dir, frames, test_probs, rows, args) -> None:
             key = (row["projection"], int(row["age_group"]))
             own = table[(table["projection_name"] == key[0])
                         & (table["age_group" if args.route == "true" else "age_group_pred"] == key[1])]
-            points += _operating_points(f"{key[0]}_group{key[1]}", own, f"prob_route_{args.route}",
-                                        lambda rule, own=own: own[f"threshold_{rule}_route_{args.route}"],
+            points += _operating_points(f"{key[0]}_group{key[1]}", own, args.route, f"prob_route_{args.route}",
                                         prevalence, args)
     for route in ("true", "pred"):
         scored = table.dropna(subset=[f"prob_route_{route}"])
@@ -291,16 +290,13 @@ def _write_summary(out_dir, frames, test_probs, rows, args) -> None:
             continue
         rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args,
                                  f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""))
-        points += _operating_points(f"cascade_{route}", scored, f"calibrated_prob_route_{route}",
-                                    lambda rule, s=scored, r=route: s[f"threshold_{rule}_route_{r}"], prevalence, args,
-                                    decide=lambda rule, s=scored, r=route: s[f"prob_route_{r}"] >= s[f"threshold_{rule}_route_{r}"])
-    studies, note = _complete_studies(table, args)
+        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}", prevalence, args)
+    studies, note = _complete_studies(table, args, args.route)
     if not studies.empty:
-        rows.append(_summary_row(f"study_max_{args.route}_group", studies.assign(calibrated=studies["prob"]),
-                                 "calibrated", args, note))
+        rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
     if "calibrated_prob_route_pred" in table and table["prob_route_pred"].notna().any():
         points += _study_points(table, prevalence, args)
-        _calibration_and_subgroups(out_dir, table, rows, args)
+        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args)
     summary = pd.DataFrame(rows)
     integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
     summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
@@ -317,46 +313,41 @@ def _summary_row(kind, scored, prob_column, args, reason="") -> dict:
             "test_auc": auc, "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": reason}
 
 
-def _operating_points(scope, scored, prob_column, thresholds, prevalence, args, decide=None) -> list[dict]:
-    """One row per rule; a model's scope has one threshold, a cascade one per image (`decide`)."""
+def _operating_points(scope, scored, route, prob_column, prevalence, args) -> list[dict]:
+    """One row per rule; each image is decided at its own model's raw threshold, as 07 does."""
     points = []
     for rule in RULES:
-        per_image = np.asarray(thresholds(rule), dtype=float)
-        single = per_image[0] if len(per_image) and np.all(per_image == per_image[0]) else float("nan")
-        decisions = decide(rule) if decide else np.asarray(scored[prob_column]) >= per_image
+        thresholds = scored[f"threshold_{rule}_route_{route}"].to_numpy(float)
+        single = thresholds[0] if len(set(thresholds)) == 1 else float("nan")  # a cascade has several
         points.append({"scope": scope, "rule": rule, **common.binary_metrics_with_ci(
-            scored["label"], scored[prob_column], scored["patient_id"], single, args.bootstrap,
-            args.seed, prevalence, decisions=decisions)})
+            scored["label"], scored[prob_column], scored["patient_id"], single, args.bootstrap, args.seed,
+            prevalence, decisions=scored[f"prob_route_{route}"].to_numpy() >= thresholds)})
     return points
 
 
-def _complete_studies(table, args, route=None) -> tuple[pd.DataFrame, str]:
+def _complete_studies(table, args, route, rule="youden") -> tuple[pd.DataFrame, str]:
     """Studies (07's rule) whose images are all in the test set and all scored; the note counts the rest."""
-    route = route or args.route
-    images = table.assign(decision=(table[f"prob_route_{route}"] >= table[f"threshold_youden_route_{route}"]).astype(int))
-    studies = common.study_table(images.fillna({f"calibrated_prob_route_{route}": -1.0}),
-                                 f"calibrated_prob_route_{route}", "decision")
-    unscored = common.study_table(images[images[f"prob_route_{route}"].isna()].assign(p=0.0), "p", "p")
-    quarantine_path = common.split_path(args.out, "wrist", "quarantine")
-    quarantine = common.read_split(args.out, "wrist", "quarantine") if quarantine_path.is_file() else table.iloc[:0]
-    quarantine = quarantine.assign(study_id=quarantine.get("study_id", quarantine.get("study_number")))
-    partial = common.study_table(quarantine.assign(p=0.0), "p", "p") if len(quarantine) else unscored.iloc[:0]
+    raw = table[f"prob_route_{route}"]
+    images = table.assign(decision=(raw >= table[f"threshold_{rule}_route_{route}"]).astype(int),
+                          scored=raw.notna().astype(int), prob=table[f"calibrated_prob_route_{route}"].fillna(-1.0))
+    studies = common.study_table(images, "prob", "decision", all_scored=("scored", "min"))
+    path = common.split_path(args.out, "wrist", "quarantine")  # the test patients' other images
+    quarantine = common.read_split(args.out, "wrist", "quarantine") if path.is_file() else table.iloc[:0]
+    quarantine = quarantine.assign(study_id=quarantine.get("study_id", quarantine.get("study_number")), p=0)
     keys = ["patient_id", "study_id", "laterality"]
-    excluded = pd.concat([partial[keys], unscored[keys]]).drop_duplicates()
-    complete = studies.merge(excluded, on=keys, how="left", indicator=True)
-    complete = complete[complete["_merge"] == "left_only"].drop(columns="_merge")
-    n_partial = len(studies.merge(partial[keys], on=keys))
-    note = (f"{n_partial} partial studies (images outside the test set) and "
-            f"{len(studies.merge(unscored[keys], on=keys))} with unscored images left out")
-    return complete.reset_index(drop=True), note
+    outside = studies[keys].merge(common.study_table(quarantine, "p", "p")[keys], how="left",
+                                  indicator=True)["_merge"].eq("both").to_numpy()
+    unscored = studies["all_scored"].eq(0).to_numpy()
+    note = (f"{outside.sum()} partial studies (images outside the test set) and "
+            f"{(unscored & ~outside).sum()} with unscored images left out")
+    return studies[~outside & ~unscored].drop(columns="all_scored").reset_index(drop=True), note
 
 
 def _study_points(table, prevalence, args) -> list[dict]:
     """study_pred: 07's decision (any image positive at its model's threshold, routed by 03)."""
     points = []
     for rule in RULES:
-        images = table.assign(**{"threshold_youden_route_pred": table[f"threshold_{rule}_route_pred"]})
-        studies, note = _complete_studies(images, args, route="pred")
+        studies, note = _complete_studies(table, args, "pred", rule)
         if rule == "youden":
             common.write_csv(studies, args.out / "fracture" / "test_studies.csv")
             common.log(f"study_pred: {len(studies)} complete studies; {note}")
@@ -366,19 +357,30 @@ def _study_points(table, prevalence, args) -> list[dict]:
     return points
 
 
-def _calibration_and_subgroups(out_dir, table, rows, args) -> None:
-    """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred."""
+def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -> None:
+    """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred.
+
+    Brier/ECE are given on the test set as it is (balanced by design) and reweighted to the
+    training + validation prevalence (`*_at_prevalence`), the population the map was fitted for.
+    """
     scored, route = table.dropna(subset=["prob_route_pred"]), args.route
-    report = {"cascade_pred": {"raw": common.calibration_metrics(scored["label"], scored["prob_route_pred"]),
-                               "calibrated": common.calibration_metrics(scored["label"],
-                                                                        scored["calibrated_prob_route_pred"])}}
+
+    def scores(frame, raw, calibrated, method):
+        return {"raw": common.calibration_metrics(frame["label"], frame[raw]),
+                "calibrated": common.calibration_metrics(frame["label"], frame[calibrated]),
+                "raw_at_prevalence": common.calibration_metrics(frame["label"], frame[raw], prevalence=prevalence),
+                "calibrated_at_prevalence": common.calibration_metrics(frame["label"], frame[calibrated],
+                                                                       prevalence=prevalence),
+                "method": method, "prevalence": prevalence}
+
+    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred", "platt per model")}
     for row in rows:
         if row.get("kind") == "model" and row.get("status") == "trained":
             own = table[(table["projection_name"] == row["projection"])
                         & (table["age_group" if route == "true" else "age_group_pred"] == row["age_group"])]
-            report[f"{row['projection']}_group{int(row['age_group'])}"] = {
-                "raw": common.calibration_metrics(own["label"], own[f"prob_route_{route}"]),
-                "calibrated": common.calibration_metrics(own["label"], own[f"calibrated_prob_route_{route}"])}
+            method = models[(row["projection"], int(row["age_group"]))]["calibration"]["method"]
+            report[f"{row['projection']}_group{int(row['age_group'])}"] = scores(
+                own, f"prob_route_{route}", f"calibrated_prob_route_{route}", method)
     common.write_json(report, out_dir / "calibration.json")
     common.plot_reliability({"raw": (scored["label"], scored["prob_route_pred"]),
                              "calibrated": (scored["label"], scored["calibrated_prob_route_pred"])},

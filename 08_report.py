@@ -65,6 +65,8 @@ def with_ci(record: dict, name: str, low: str | None = None, high: str | None = 
     value = record.get(name)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    if (low or f"{name}_lo") not in record:  # written before intervals existed
+        return fmt(value)
     return f"{fmt(value)} [{fmt(record.get(low or f'{name}_lo'))}, {fmt(record.get(high or f'{name}_hi'))}]"
 
 
@@ -156,14 +158,21 @@ def _report_calibration(out: Path) -> list[str]:
     if not path.is_file():
         return []
     calibration = common.read_json(path)
+    prevalence = next(iter(calibration.values())).get("prevalence")
     lines = ["### Calibration", "",
              "Platt scaling fitted per model on validation predictions only (the balanced sampler and "
              "focal loss skew raw probabilities); 07 reports the calibrated `fracture_prob` and keeps "
-             "`raw_prob`. Decisions are unchanged. Test set:", "",
-             "| scope | Brier raw | Brier calibrated | ECE raw | ECE calibrated |", "|---|---|---|---|---|"]
+             "`raw_prob`. Decisions are unchanged. Scores on the test set as it is (balanced by design), "
+             "then reweighted to the fracture prevalence of the training + validation data, which "
+             "the validation set (and so the map) represents "
+             f"({fmt(prevalence)}): a map that is right for the source data looks worse on a balanced set.", "",
+             "| scope | Brier raw | Brier calibrated | ECE raw | ECE calibrated | Brier raw at prevalence | "
+             "Brier calibrated at prevalence | ECE raw at prevalence | ECE calibrated at prevalence | map |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for scope, values in calibration.items():
-        lines.append(f"| {scope} | {fmt(values['raw']['brier'])} | {fmt(values['calibrated']['brier'])} | "
-                     f"{fmt(values['raw']['ece'])} | {fmt(values['calibrated']['ece'])} |")
+        lines.append(f"| {scope} | " + " | ".join(
+            fmt(values[kind][score]) for suffix in ("", "_at_prevalence") for score in ("brier", "ece")
+            for kind in (f"raw{suffix}", f"calibrated{suffix}")) + f" | {values.get('method', '')} |")
     return lines + ["", "![reliability diagram](fracture/reliability.png)", ""]
 
 

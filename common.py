@@ -1824,17 +1824,29 @@ def _logit(probs) -> np.ndarray:
     return np.log(probs / (1 - probs))
 
 
-def calibration_metrics(labels, probs, n_bins: int = 10) -> dict:
+def calibration_metrics(labels, probs, n_bins: int = 10, prevalence: float | None = None) -> dict:
     """Brier score and expected calibration error (ECE: |observed - predicted| averaged over
-    10 equal-width probability bins, weighted by how many predictions fall in each)."""
-    from sklearn.metrics import brier_score_loss
+    10 equal-width probability bins, weighted by how many predictions fall in each).
+
+    With `prevalence`, each class is reweighted so fractures make up that share: the scores a
+    population with that prevalence would give. A balanced test set otherwise penalises
+    probabilities that are right for the source data.
+    """
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
-    if len(labels) == 0:
+    if len(labels) == 0 or (prevalence is not None and len(np.unique(labels)) < 2):
         return {"brier": float("nan"), "ece": float("nan")}
+    weights = np.ones(len(labels))
+    if prevalence is not None:
+        share = labels.mean()
+        weights = np.where(labels == 1, prevalence / share, (1 - prevalence) / (1 - share))
     bins = np.minimum((probs * n_bins).astype(int), n_bins - 1)
-    ece = sum(abs(labels[bins == b].mean() - probs[bins == b].mean()) * np.mean(bins == b)
-              for b in range(n_bins) if np.any(bins == b))
-    return {"brier": float(brier_score_loss(labels, probs)), "ece": float(ece)}
+    ece = 0.0
+    for b in range(n_bins):
+        inside = bins == b
+        if inside.any():
+            observed = np.average(labels[inside], weights=weights[inside])
+            ece += abs(observed - np.average(probs[inside], weights=weights[inside])) * weights[inside].sum()
+    return {"brier": float(np.average((probs - labels) ** 2, weights=weights)), "ece": float(ece / weights.sum())}
 
 
 def regression_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -44,7 +44,7 @@ def test_operating_points_calibration_and_subgroups(evaluated):
     train_val = pd.concat([common.read_split(evaluated, "wrist", s) for s in ("train", "val")])
     assert points["prevalence"].unique().tolist() == pytest.approx([train_val["label"].mean()])
     calibration = json.loads((fracture / "calibration.json").read_text())
-    assert set(calibration["cascade_pred"]) == {"raw", "calibrated"}
+    assert {"raw", "calibrated", "raw_at_prevalence", "calibrated_at_prevalence"} <= set(calibration["cascade_pred"])
     assert set(calibration["cascade_pred"]["raw"]) == {"brier", "ece"}
     subgroups = pd.read_csv(fracture / "subgroups.csv")
     assert set(subgroups["subgroup"]) == {"projection", "age_group", "sex", "cast", "initial_exam", "laterality"}
@@ -128,9 +128,9 @@ def test_report_figures_equal_the_metrics_files(evaluated):
     assert f"({points['prevalence'].iloc[0]:.3f})" in report
     calibration = json.loads((evaluated / "fracture" / "calibration.json").read_text())
     for scope, values in calibration.items():
-        (cells,) = _cells(report, scope, 5)
-        assert [float(c) for c in cells[1:]] == [round(values[k][m], 3) for m in ("brier", "ece")
-                                                 for k in ("raw", "calibrated")]
+        (cells,) = _cells(report, scope, 10)
+        assert [float(c) for c in cells[1:9]] == [round(values[k + suffix][m], 3) for suffix in ("", "_at_prevalence")
+                                                  for m in ("brier", "ece") for k in ("raw", "calibrated")]
     summary = pd.read_csv(evaluated / "fracture" / "summary.csv")
     cascade = summary[summary["kind"] == "cascade_pred_group"].iloc[0]
     (cells,) = _cells(report, "cascade pred group", 8)
