@@ -6,10 +6,13 @@ test predictions are gathered from all ranks and scored once, and rank 0 alone w
 
 Reads   OUT/splits/wrist_{train,val,test}.csv, age_groups.json (01/02);
         OUT/age/predictions.csv (03) with --route pred and for the predicted-group cascade
-Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (with the val-chosen threshold), last.pt
-        (resumable), history.csv, metrics.json, roc.png, confusion.png, sample_audit.json
+Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and calibration map),
+        last.pt (resumable), history.csv, metrics.json, roc.png, pr.png, curves.png, confusion.png
         OUT/fracture/summary.csv          one row per model (or its skip reason) + cascade rows
-        OUT/fracture/test_predictions.csv every test image's fracture probability
+        OUT/fracture/operating_points.csv each model, cascade_true/pred and study_pred at the rules
+                                          youden, sens90, sens95, with 95% CIs; test_studies.csv
+        OUT/fracture/calibration.json, reliability.png, subgroups.csv (cascade_pred)
+        OUT/fracture/test_predictions.csv every test image's raw and calibrated probability
         OUT/fracture/config.json
 
 Imbalance is corrected once, never twice: by default the sampler draws balanced batches and the
@@ -18,7 +21,8 @@ fraction of the training set. (The original code stacked a balanced sampler on a
 some models collapsed to all-negative.)
 
 Decision threshold: Youden's J (sensitivity + specificity - 1) maximised on validation, stored in
-best.pt and applied unchanged to test.
+best.pt and applied unchanged to test; so are the sens90/sens95 thresholds and a Platt calibration
+map (common.fit_calibration) that changes the reported probability, never the decision.
 
 Run:
   python 04_train_fracture_ddp.py                                    # demo, 1 process
