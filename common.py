@@ -1655,6 +1655,19 @@ def bootstrap_intervals(statistics: Callable[[np.ndarray], dict], groups, n_boot
             for name, values in collected.items()}
 
 
+def estimates_with_ci(statistics: Callable[[np.ndarray], dict], n_rows: int, groups, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """{name: value on all rows, name_lo, name_hi: its patient-bootstrap 95% interval} for every
+    value `statistics(rows)` returns."""
+    point = statistics(np.arange(n_rows))
+    intervals = bootstrap_intervals(statistics, groups, n_boot, seed) if n_rows else {}
+    result = {}
+    for name, value in point.items():
+        low, high = intervals.get(name, [float("nan")] * 2)
+        result.update({name: value, f"{name}_lo": low, f"{name}_hi": high})
+    return result
+
+
 def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true, y_score, groups,
                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
     """Patient-bootstrap percentile CI of one metric(y_true, y_score) (see bootstrap_intervals)."""
@@ -1733,15 +1746,10 @@ def binary_metrics_with_ci(labels, probs, patients, threshold, n_boot: int = 100
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=float)
     decisions = (probs >= threshold) if decisions is None else np.asarray(decisions).astype(bool)
-    point = _decision_metrics(labels, probs, decisions, prevalence)
-    intervals = bootstrap_intervals(
-        lambda rows: _decision_metrics(labels[rows], probs[rows], decisions[rows], prevalence),
-        patients, n_boot, seed) if len(labels) else {}
     result = {"n": int(len(labels)), "n_pos": int(labels.sum()),
-              "threshold": float(threshold) if threshold is not None else float("nan")}
-    for name, value in point.items():
-        low, high = intervals.get(name, [float("nan")] * 2)
-        result.update({name: value, f"{name}_lo": low, f"{name}_hi": high})
+              "threshold": float(threshold) if threshold is not None else float("nan"),
+              **estimates_with_ci(lambda rows: _decision_metrics(labels[rows], probs[rows], decisions[rows],
+                                                                 prevalence), len(labels), patients, n_boot, seed)}
     if prevalence is not None:
         result["prevalence"] = float(prevalence)
     return result
@@ -1860,12 +1868,7 @@ def regression_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed
                 "r2": float(1 - np.sum(error ** 2) / spread) if spread > 0 else float("nan"),
                 "bias": float(np.mean(error))}
 
-    point = statistics(np.arange(len(true)))
-    intervals = bootstrap_intervals(statistics, groups, n_boot, seed)
-    result = {"n": int(len(true))}
-    for name, value in point.items():
-        result.update({name: value, f"{name}_lo": intervals[name][0], f"{name}_hi": intervals[name][1]})
-    return result
+    return {"n": int(len(true)), **estimates_with_ci(statistics, len(true), groups, n_boot, seed)}
 
 
 def classification_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -1879,12 +1882,7 @@ def classification_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, 
                 "macro_f1": float(f1_score(true[rows], predicted[rows], labels=classes,
                                            average="macro", zero_division=0))}
 
-    point = statistics(np.arange(len(true)))
-    intervals = bootstrap_intervals(statistics, groups, n_boot, seed)
-    result = {"n": int(len(true))}
-    for name, value in point.items():
-        result.update({name: value, f"{name}_lo": intervals[name][0], f"{name}_hi": intervals[name][1]})
-    return result
+    return {"n": int(len(true)), **estimates_with_ci(statistics, len(true), groups, n_boot, seed)}
 
 
 def mean_absolute_error(true, predicted) -> float:
