@@ -12,9 +12,10 @@ from conftest import load_stage
 from test_predict import write_png16
 
 EDGES = [5.0, 10.0, 15.0]
-# AP's threshold 0 passes every image, Lat's 1.0 none (a sigmoid of a fresh model stays below 1).
-MODELS = {"AP": (0.0, {"method": "platt", "slope": 2.0, "intercept": -1.0, "n": 50, "reason": ""}),
-          "Lat": (1.0, {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": 50, "reason": ""})}
+# Lat's threshold 0 passes every image; AP's 0.9 none of a fresh model's (checked below), though
+# AP's calibration map lifts them far above 0.9: deciding on the calibrated probability would differ.
+MODELS = {"AP": (0.9, {"method": "platt", "slope": 1.0, "intercept": 4.0, "n": 50, "reason": ""}),
+          "Lat": (0.0, {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": 50, "reason": ""})}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def models(tmp_path_factory):
 
 
 def test_one_positive_image_makes_the_study_positive(models, tmp_path):
-    rows = [("ap_left.png", "AP", "L"), ("lat_left.png", "Lat", "L"), ("lat_right.png", "Lat", "R")]
+    rows = [("ap_left.png", "AP", "L"), ("lat_left.png", "Lat", "L"), ("ap_right.png", "AP", "R")]
     for seed, (name, _, _) in enumerate(rows):
         write_png16(tmp_path / name, seed=seed)
     pd.DataFrame([{"path": name, "projection": projection, "age": 7, "study_id": "S1", "patient_id": "P1",
@@ -40,7 +41,9 @@ def test_one_positive_image_makes_the_study_positive(models, tmp_path):
     table = load_stage("07_predict").main([str(tmp_path / "list.csv"), "--models", str(models),
                                            "--out", str(tmp_path / "out"), "--device", "cpu"])
     images = table[table["level"] == "image"].set_index("input_path")
-    assert images["fracture_pred"].tolist() == [1, 0, 0]  # AP passes its threshold, Lat does not
+    ap = images[images["projection"] == "AP"]
+    assert (ap["raw_prob"] < 0.9).all() and (ap["fracture_prob"] > 0.9).all()  # the premise above
+    assert images["fracture_pred"].tolist() == [0, 1, 0]  # Lat passes its threshold, AP does not
     for name, projection, _ in rows:
         threshold, calibration = MODELS[projection]
         raw = float(images.loc[name, "raw_prob"])
