@@ -7,7 +7,9 @@ Reads   OUT/splits/wrist_{train,val,test}.csv and OUT/splits/age_groups.json (fr
 Writes  OUT/age/best.pt, last.pt, history.csv       the router (resumable)
         OUT/age/predictions.csv   filestem, split, projection_name, age, age_group,
                                   age_group_pred, prob_group0..K-1 for every train/val/test image
-        OUT/age/metrics.json      {"val": {...}, "test": {"accuracy", "macro_f1", "n"}}
+        OUT/age/metrics.json      {"val": {...}, "test": {"accuracy", "macro_f1", "n"}}, each
+                                  with "<name>_lo"/"<name>_hi" (patient-bootstrap 95% interval)
+        OUT/age/curves.png        training loss and validation accuracy per epoch
         OUT/age/confusion.png, OUT/age/config.json
 
 Run:
@@ -35,6 +37,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     parser = common.add_training_args(common.make_parser(__doc__))
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default: 1000)")
     args = common.resolve_common_args(parser.parse_args(argv))
     common.apply_training_preset(args, PRESETS, common.IMAGE_SIZE[args.preset])
     return args
@@ -48,6 +51,7 @@ def main(argv=None):
     frames = {split: common.read_split(args.out, "wrist", split) for split in ("train", "val", "test")}
     common.assert_no_patient_leak(frames)
     common.check_training_args(args)
+    mlflow = common.start_mlflow(args, "wrist-age-router") if args.mlflow else None
     info = common.setup_distributed(args.device)
     try:
         common.seed_everything(args.seed)
@@ -77,8 +81,13 @@ def main(argv=None):
                    run_dir=out_dir, checkpoint_meta=meta, balanced=False)
         probs = {split: _predict_probs(model, datasets[split], args, info) for split in datasets}
         if info.is_main:
-            _write_outputs(out_dir, frames, probs, names, args)
+            metrics = _write_outputs(out_dir, frames, probs, names, args)
+            common.log_mlflow_run(mlflow, history_csv=out_dir / "history.csv", metrics={
+                f"test_{k}": v for k, v in metrics["test"].items()}, files=[
+                out_dir / n for n in ("metrics.json", "confusion.png", "curves.png", "best.pt")])
     finally:
+        if mlflow:
+            mlflow.end_run()
         common.cleanup_distributed()
 
 
@@ -106,7 +115,7 @@ def _classification_metrics(true_groups: np.ndarray, probs: np.ndarray) -> dict:
             "n": int(len(true_groups))}
 
 
-def _write_outputs(out_dir, frames, probs, names, args) -> None:
+def _write_outputs(out_dir, frames, probs, names, args) -> dict:
     from sklearn.metrics import confusion_matrix
     rows = []
     for split, frame in frames.items():
@@ -118,17 +127,22 @@ def _write_outputs(out_dir, frames, probs, names, args) -> None:
         rows.append(table)
     predictions = pd.concat(rows, ignore_index=True)
     common.write_csv(predictions, out_dir / "predictions.csv")
-    metrics = {split: _classification_metrics(frames[split]["age_group"].to_numpy(), probs[split])
-               for split in ("val", "test")}
+    # Accuracy and macro-F1 with patient-bootstrap 95% intervals (a patient's images are correlated).
+    metrics = {split: common.classification_metrics_with_ci(
+        frames[split]["age_group"].to_numpy(), probs[split].argmax(axis=1), frames[split]["patient_id"],
+        args.bootstrap, args.seed) for split in ("val", "test")}
     metrics["group_names"] = names
     common.write_json(metrics, out_dir / "metrics.json")
     test = predictions[predictions["split"] == "test"]
     matrix = confusion_matrix(test["age_group"], test["age_group_pred"], labels=range(len(names)))
     common.plot_confusion(matrix, names, out_dir / "confusion.png",
                           f"age router, test (accuracy {metrics['test']['accuracy']:.2f})")
+    common.plot_training_curves(out_dir / "history.csv", out_dir / "curves.png", "age router", "accuracy")
     common.write_run_config(out_dir, args)
-    common.log(f"age router test: accuracy {metrics['test']['accuracy']:.3f}, macro F1 "
-               f"{metrics['test']['macro_f1']:.3f} (n={metrics['test']['n']}) -> {out_dir}")
+    test = metrics["test"]
+    common.log(f"age router test: accuracy {test['accuracy']:.3f} [{test['accuracy_lo']:.3f}, "
+               f"{test['accuracy_hi']:.3f}], macro F1 {test['macro_f1']:.3f} (n={test['n']}) -> {out_dir}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ test predictions are gathered from all ranks and scored once, and rank 0 alone w
 
 Reads   OUT/splits/wrist_{train,val,test}.csv, age_groups.json (01/02);
         OUT/age/predictions.csv (03) with --route pred and for the predicted-group cascade
-Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (with the val-chosen threshold), last.pt
-        (resumable), history.csv, metrics.json, roc.png, confusion.png, sample_audit.json
+Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and calibration map),
+        last.pt (resumable), history.csv, metrics.json, roc.png, pr.png, curves.png, confusion.png
         OUT/fracture/summary.csv          one row per model (or its skip reason) + cascade rows
-        OUT/fracture/test_predictions.csv every test image's fracture probability
+        OUT/fracture/operating_points.csv each model, cascade_true/pred and study_pred at the rules
+                                          youden, sens90, sens95, with 95% CIs; test_studies.csv
+        OUT/fracture/calibration.json, reliability.png, subgroups.csv (cascade_pred)
+        OUT/fracture/test_predictions.csv every test image's raw and calibrated probability
         OUT/fracture/config.json
 
 Imbalance is corrected once, never twice: by default the sampler draws balanced batches and the
@@ -18,7 +21,8 @@ fraction of the training set. (The original code stacked a balanced sampler on a
 some models collapsed to all-negative.)
 
 Decision threshold: Youden's J (sensitivity + specificity - 1) maximised on validation, stored in
-best.pt and applied unchanged to test.
+best.pt and applied unchanged to test; so are the sens90/sens95 thresholds and a Platt calibration
+map (common.fit_calibration) that changes the reported probability, never the decision.
 
 Run:
   python 04_train_fracture_ddp.py                                    # demo, 1 process
@@ -61,7 +65,6 @@ def parse_args(argv=None):
     parser.add_argument("--projections", default="AP,Lat", help="which projections (default: AP,Lat)")
     parser.add_argument("--groups", help="comma-separated age groups to train (default: all)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
-    parser.add_argument("--mlflow", action="store_true", help="log to MLflow (if installed)")
     args = common.resolve_common_args(parser.parse_args(argv))
     common.apply_training_preset(args, PRESETS, common.IMAGE_SIZE[args.preset])
     args.projections = [p.strip() for p in args.projections.split(",")]
@@ -78,7 +81,7 @@ def main(argv=None):
     frames = _read_routed_splits(args)
     common.assert_no_patient_leak(frames)
     common.check_training_args(args)
-    mlflow = _start_mlflow(args) if args.mlflow else None
+    mlflow = common.start_mlflow(args, "wrist-fracture") if args.mlflow else None
     groups = [int(g) for g in args.groups.split(",")] if args.groups else list(range(len(edges) + 1))
     info = common.setup_distributed(args.device)
     try:
@@ -93,8 +96,10 @@ def main(argv=None):
                 if mlflow and info.is_main:
                     _log_mlflow(mlflow, result["row"], out_dir / projection / f"group{group}")
         if info.is_main:
-            _write_summary(out_dir, frames["test"], test_probs, rows, args)
+            _write_summary(out_dir, frames, test_probs, rows, args)
             common.write_run_config(out_dir, args)
+            if mlflow:
+                common.log_mlflow_run(mlflow, files=[out_dir / name for name in EVALUATION_FILES])
     finally:
         if mlflow and info.is_main:
             mlflow.end_run()
@@ -224,26 +229,38 @@ def _predict_probs(model, dataset, args, info) -> np.ndarray:
 
 
 def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args) -> dict:
-    """Choose the threshold on val, score test with it, write metrics, plots and the final best.pt."""
-    threshold = common.youden_threshold(parts["val"]["label"], val_probs)
+    """Choose thresholds and the calibration map on val, score test, write metrics, plots, best.pt.
+
+    The youden threshold is the model's decision (07 applies it); sens90/sens95 are the other
+    operating points reported. The calibration map (Platt, fitted on val only) changes the
+    probability 07 reports, never the decision: thresholds stay on the raw scale.
+    """
+    thresholds = common.operating_thresholds(parts["val"]["label"], val_probs)
+    threshold = thresholds["youden"]
+    calibration = common.fit_calibration(parts["val"]["label"], val_probs)
     val = common.binary_metrics(parts["val"]["label"], val_probs, threshold)
     test = common.binary_metrics(parts["test"]["label"], test_probs, threshold)
-    _, test["auc_ci"] = common.auc_with_ci(parts["test"]["label"], test_probs,
-                                           parts["test"]["patient_id"], args.bootstrap, args.seed)
-    common.write_json({"model": name, "val": val, "test": test}, run_dir / "metrics.json")
+    test_ci = common.binary_metrics_with_ci(parts["test"]["label"], test_probs, parts["test"]["patient_id"],
+                                            threshold, args.bootstrap, args.seed)
+    test["auc_ci"] = [test_ci["auc_lo"], test_ci["auc_hi"]]
+    common.write_json({"model": name, "val": val, "test": test, "test_ci": test_ci,
+                       "thresholds": thresholds, "calibration": calibration}, run_dir / "metrics.json")
     checkpoint = common.load_checkpoint(run_dir / "best.pt")
-    checkpoint.update(threshold=threshold, val_metrics=_flat(val), test_metrics=_flat(test))
+    checkpoint.update(threshold=threshold, thresholds=thresholds, calibration=calibration,
+                      val_metrics=_flat(val), test_metrics=_flat(test))
     common.save_checkpoint(checkpoint, run_dir / "best.pt")
     if test["n"]:
         common.plot_roc(parts["test"]["label"], test_probs, run_dir / "roc.png",
                         f"{name}, test", threshold=threshold)
+        common.plot_pr(parts["test"]["label"], test_probs, run_dir / "pr.png", f"{name}, test", threshold)
         common.plot_confusion(test["confusion"], ["no fracture", "fracture"], run_dir / "confusion.png",
                               f"{name}, test at {threshold:.2f}")
+    common.plot_training_curves(run_dir / "history.csv", run_dir / "curves.png", name, "auc")
     common.log(f"{name}: test AUC {test['auc']:.3f} [{test['auc_ci'][0]:.3f}, {test['auc_ci'][1]:.3f}] "
                f"sens {test['sensitivity']:.2f} spec {test['specificity']:.2f} at {threshold:.2f} "
-               f"(n={test['n']})")
+               f"(n={test['n']}); calibration {calibration['method']}")
     return {"auc": test["auc"], "auc_ci_low": test["auc_ci"][0], "auc_ci_high": test["auc_ci"][1],
-            "sensitivity": test["sensitivity"], "specificity": test["specificity"],
+            **{f"{k}{end}": test_ci[f"{k}{end}"] for k in ("sensitivity", "specificity") for end in ("", "_lo", "_hi")},
             "threshold": threshold}
 
 
@@ -251,67 +268,161 @@ def _flat(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _write_summary(out_dir, test, test_probs, rows, args) -> None:
-    """Per-model rows, the true- and predicted-group cascades, and a study-level row."""
-    table = test[["filestem", "patient_id", "study_number", "projection_name", "age", "age_group",
-                  "age_group_pred", "label"]].copy()
+EVALUATION_FILES = ("summary.csv", "operating_points.csv", "calibration.json", "subgroups.csv",
+                    "reliability.png", "test_predictions.csv", "test_studies.csv")
+RULES = ("youden", "sens90", "sens95")
+SUBGROUPS = {"projection": "projection_name", "age_group": "age_group", "sex": "gender", "cast": "cast",
+             "initial_exam": "initial_exam", "laterality": "laterality"}
+
+
+def _write_summary(out_dir, frames, test_probs, rows, args) -> None:
+    """Per-model rows, the true- and predicted-group cascades and the study row (summary.csv);
+    operating points, calibration and subgroups of the decision 07 deploys."""
+    test = frames["test"].assign(study_id=frames["test"].get("study_id", frames["test"]["study_number"]))
+    table = test[["filestem", "patient_id", "study_id", "laterality", "projection_name", "age",
+                  "age_group", "age_group_pred", "label", *SUBGROUPS.values()]].copy()
+    table = table.loc[:, ~table.columns.duplicated()]
+    models = {key: common.load_checkpoint(out_dir / key[0] / f"group{key[1]}" / "best.pt") for key in test_probs}
     for route, column in (("true", "age_group"), ("pred", "age_group_pred")):
-        table[f"prob_route_{route}"] = [
-            test_probs[(p, int(g))].get(f, np.nan) if (p, g) in test_probs else np.nan
-            for f, p, g in zip(table["filestem"], table["projection_name"],
-                               table[column].fillna(-1).astype(int))]
+        keys = list(zip(table["projection_name"], table[column].fillna(-1).astype(int)))
+        raw = np.array([test_probs[k].get(f, np.nan) if k in test_probs else np.nan
+                        for f, k in zip(table["filestem"], keys)], dtype=float)
+        table[f"prob_route_{route}"] = raw
+        table[f"calibrated_prob_route_{route}"] = [
+            common.apply_calibration([p], models[k].get("calibration"))[0] if k in models else np.nan
+            for p, k in zip(raw, keys)]
+        for rule in RULES:  # each image is decided at its own model's threshold, as 07 does
+            table[f"threshold_{rule}_route_{route}"] = [
+                models[k].get("thresholds", {}).get(rule, np.nan) if k in models else np.nan for k in keys]
     common.write_csv(table, out_dir / "test_predictions.csv")
+    prevalence = float(pd.concat([frames["train"]["label"], frames["val"]["label"]]).mean())
+    points = []
+    for row in rows:
+        if row.get("status") == "trained":
+            key = (row["projection"], int(row["age_group"]))
+            own = table[(table["projection_name"] == key[0])
+                        & (table["age_group" if args.route == "true" else "age_group_pred"] == key[1])]
+            points += _operating_points(f"{key[0]}_group{key[1]}", own, args.route, f"prob_route_{args.route}",
+                                        prevalence, args)
     for route in ("true", "pred"):
         scored = table.dropna(subset=[f"prob_route_{route}"])
         if scored.empty:
+            common.log(f"no cascade_{route}: no test image has a {route}-group model (03 not run?)")
             continue
-        auc, ci = common.auc_with_ci(scored["label"], scored[f"prob_route_{route}"],
-                                     scored["patient_id"], args.bootstrap, args.seed)
-        rows.append({"kind": f"cascade_{route}_group", "status": "evaluated", "n_test": len(scored),
-                     "pos_test": int(scored["label"].sum()), "test_auc": auc,
-                     "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1],
-                     "reason": f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""})
-    study_route = f"prob_route_{args.route}"
-    studies = (table.dropna(subset=[study_route])
-               .groupby(["patient_id", "study_number"], as_index=False)
-               .agg(label=("label", "max"), prob=(study_route, "max")))
+        rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args,
+                                 f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""))
+        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}", prevalence, args)
+    studies, note = _complete_studies(table, args, args.route)
     if not studies.empty:
-        # A study is positive if any image shows a fracture; its score is its most suspicious image.
-        auc, ci = common.auc_with_ci(studies["label"], studies["prob"], studies["patient_id"],
-                                     args.bootstrap, args.seed)
-        rows.append({"kind": f"study_max_{args.route}_group", "status": "evaluated", "n_test": len(studies),
-                     "pos_test": int(studies["label"].sum()), "test_auc": auc,
-                     "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": ""})
+        rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
+    if "calibrated_prob_route_pred" in table and table["prob_route_pred"].notna().any():
+        points += _study_points(table, prevalence, args)
+        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args)
     summary = pd.DataFrame(rows)
     integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
     summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
     common.write_csv(summary, out_dir / "summary.csv")
+    common.write_csv(pd.DataFrame(points), out_dir / "operating_points.csv")
     shown = summary[[c for c in ("kind", "projection", "age_group", "status", "n_test", "test_auc",
                                  "test_auc_ci_low", "test_auc_ci_high", "reason") if c in summary]]
     common.log("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
-def _start_mlflow(args):
-    try:
-        import mlflow
-    except ImportError:
-        raise common.InputError("--mlflow: mlflow is not installed; `pip install mlflow` "
-                                "(it is optional and not in requirements.txt)") from None
-    import os
-    if int(os.environ.get("RANK", "0")) == 0:
-        mlflow.set_experiment("wrist-fracture")
-        mlflow.start_run()
-        mlflow.log_params({k: v for k, v in common.config_dict(args).items() if v is not None})
-    return mlflow
+def _summary_row(kind, scored, prob_column, args, reason="") -> dict:
+    auc, ci = common.auc_with_ci(scored["label"], scored[prob_column], scored["patient_id"], args.bootstrap, args.seed)
+    return {"kind": kind, "status": "evaluated", "n_test": len(scored), "pos_test": int(scored["label"].sum()),
+            "test_auc": auc, "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": reason}
+
+
+def _operating_points(scope, scored, route, prob_column, prevalence, args) -> list[dict]:
+    """One row per rule; each image is decided at its own model's raw threshold, as 07 does."""
+    points = []
+    for rule in RULES:
+        thresholds = scored[f"threshold_{rule}_route_{route}"].to_numpy(float)
+        single = thresholds[0] if len(set(thresholds)) == 1 else float("nan")  # a cascade has several
+        points.append({"scope": scope, "rule": rule, **common.binary_metrics_with_ci(
+            scored["label"], scored[prob_column], scored["patient_id"], single, args.bootstrap, args.seed,
+            prevalence, decisions=scored[f"prob_route_{route}"].to_numpy() >= thresholds)})
+    return points
+
+
+def _complete_studies(table, args, route, rule="youden") -> tuple[pd.DataFrame, str]:
+    """Studies (07's rule) whose images are all in the test set and all scored; the note counts the rest."""
+    raw = table[f"prob_route_{route}"]
+    images = table.assign(decision=(raw >= table[f"threshold_{rule}_route_{route}"]).astype(int),
+                          scored=raw.notna().astype(int), prob=table[f"calibrated_prob_route_{route}"].fillna(-1.0))
+    studies = common.study_table(images, "prob", "decision", all_scored=("scored", "min"))
+    path = common.split_path(args.out, "wrist", "quarantine")  # the test patients' other images
+    quarantine = common.read_split(args.out, "wrist", "quarantine") if path.is_file() else table.iloc[:0]
+    quarantine = quarantine.assign(study_id=quarantine.get("study_id", quarantine.get("study_number")), p=0)
+    keys = ["patient_id", "study_id", "laterality"]
+    outside = studies[keys].merge(common.study_table(quarantine, "p", "p")[keys], how="left",
+                                  indicator=True)["_merge"].eq("both").to_numpy()
+    unscored = studies["all_scored"].eq(0).to_numpy()
+    note = (f"{outside.sum()} partial studies (images outside the test set) and "
+            f"{(unscored & ~outside).sum()} with unscored images left out")
+    return studies[~outside & ~unscored].drop(columns="all_scored").reset_index(drop=True), note
+
+
+def _study_points(table, prevalence, args) -> list[dict]:
+    """study_pred: 07's decision (any image positive at its model's threshold, routed by 03)."""
+    points = []
+    for rule in RULES:
+        studies, note = _complete_studies(table, args, "pred", rule)
+        if rule == "youden":
+            common.write_csv(studies, args.out / "fracture" / "test_studies.csv")
+            common.log(f"study_pred: {len(studies)} complete studies; {note}")
+        points.append({"scope": "study_pred", "rule": rule, **common.binary_metrics_with_ci(
+            studies["label"], studies["prob"], studies["patient_id"], float("nan"), args.bootstrap,
+            args.seed, prevalence, decisions=studies["decision"]), "note": note})
+    return points
+
+
+def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -> None:
+    """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred.
+
+    Brier/ECE are given on the test set as it is (balanced by design) and reweighted to the
+    training + validation prevalence (`*_at_prevalence`), the population the map was fitted for.
+    """
+    scored, route = table.dropna(subset=["prob_route_pred"]), args.route
+
+    def scores(frame, raw, calibrated, method):
+        return {"raw": common.calibration_metrics(frame["label"], frame[raw]),
+                "calibrated": common.calibration_metrics(frame["label"], frame[calibrated]),
+                "raw_at_prevalence": common.calibration_metrics(frame["label"], frame[raw], prevalence=prevalence),
+                "calibrated_at_prevalence": common.calibration_metrics(frame["label"], frame[calibrated],
+                                                                       prevalence=prevalence),
+                "method": method, "prevalence": prevalence}
+
+    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred", "platt per model")}
+    for row in rows:
+        if row.get("kind") == "model" and row.get("status") == "trained":
+            own = table[(table["projection_name"] == row["projection"])
+                        & (table["age_group" if route == "true" else "age_group_pred"] == row["age_group"])]
+            method = models[(row["projection"], int(row["age_group"]))]["calibration"]["method"]
+            report[f"{row['projection']}_group{int(row['age_group'])}"] = scores(
+                own, f"prob_route_{route}", f"calibrated_prob_route_{route}", method)
+    common.write_json(report, out_dir / "calibration.json")
+    common.plot_reliability({"raw": (scored["label"], scored["prob_route_pred"]),
+                             "calibrated": (scored["label"], scored["calibrated_prob_route_pred"])},
+                            out_dir / "reliability.png", "cascade_pred, test")
+    decisions = scored["prob_route_pred"] >= scored["threshold_youden_route_pred"]
+    subgroups = []
+    for name, column in SUBGROUPS.items():
+        for value, members in scored.groupby(column):
+            metrics = common.binary_metrics_with_ci(
+                members["label"], members["calibrated_prob_route_pred"], members["patient_id"], float("nan"),
+                args.bootstrap, args.seed, decisions=decisions[members.index])
+            subgroups.append({"subgroup": name, "value": value, **{k: v for k, v in metrics.items() if k != "threshold"}})
+    common.write_csv(pd.DataFrame(subgroups), out_dir / "subgroups.csv")
 
 
 def _log_mlflow(mlflow, row, run_dir) -> None:
-    prefix = f"{row['projection']}_g{row['age_group']}"
-    mlflow.log_metrics({f"{prefix}_{k}": float(v) for k, v in row.items()
-                        if k.startswith("test_") and isinstance(v, (int, float)) and np.isfinite(v)})
-    for name in ("metrics.json", "history.csv", "roc.png", "confusion.png"):
-        if (run_dir / name).is_file():
-            mlflow.log_artifact(str(run_dir / name), artifact_path=prefix)
+    prefix = f"{row['projection']}_g{row['age_group']}_"
+    common.log_mlflow_run(mlflow, history_csv=run_dir / "history.csv", prefix=prefix, artifact_path=prefix.rstrip("_"),
+                          metrics={k: v for k, v in row.items() if k.startswith("test_")},
+                          files=[run_dir / n for n in ("metrics.json", "history.csv", "roc.png", "pr.png",
+                                                       "confusion.png", "curves.png", "best.pt")])
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Reads   OUT/splits/boneage_{train,val,test}.csv  (01/02: id, boneage, male, sex,
         and the images they name, decoded once into OUT/cache/boneage_<size>.npy
 Writes  OUT/boneage/best.pt, last.pt, history.csv, sample_audit.json   the model (resumable)
         OUT/boneage/predictions.csv   id, sex, true_months, predicted_months (test set)
-        OUT/boneage/metrics.json      {"val": {"mae", "n"},
-                                       "test": {"mae", "mae_ci", "n", "baseline_mae"}}
-        OUT/boneage/scatter.png, bland_altman.png, config.json
+        OUT/boneage/metrics.json      {"val": {"mae", "n"}, "test": {"mae", "mae_ci", "n",
+                                       "baseline_mae", "rmse", "r2", "bias" (predicted - true),
+                                       each with _lo/_hi, "by_sex": {...}, "by_age_band": {...}}}
+        OUT/boneage/scatter.png, bland_altman.png, curves.png, config.json
 
 The model: timm backbone features (features_only: no unused parameters, so DDP works on any
 number of ranks) -> GeM pooling of softplus(features) with a learnable exponent bounded to (1, 6)
@@ -60,6 +61,7 @@ REQUIRED_COLUMNS = ["id", "boneage", "male", "image_path"]
 
 def parse_args(argv=None):
     parser = common.add_training_args(common.make_parser(__doc__))
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default: 1000)")
     args = common.resolve_common_args(parser.parse_args(argv))
     common.apply_training_preset(args, PRESETS, common.BONEAGE_IMAGE_SIZE[args.preset])
     for flag in ("epochs", "batch_size", "patience", "image_size"):
@@ -76,6 +78,7 @@ def main(argv=None):
     frames = {split: read_boneage_split(args.out, split) for split in SPLITS}
     common.assert_no_patient_leak(frames, key="id")
     common.check_training_args(args)
+    mlflow = common.start_mlflow(args, "boneage") if args.mlflow else None
     if args.preset == "full" and args.pretrained is None:
         common.log(f"note: no --pretrained, so {args.arch} starts from random weights; from a few "
                    "thousand hands it learns far less than from ImageNet weights (--pretrained PATH)")
@@ -129,7 +132,12 @@ def main(argv=None):
             common.log(f"bone age test: MAE {test['mae']:.2f} months (95% CI {test['mae_ci'][0]:.2f}-"
                        f"{test['mae_ci'][1]:.2f}, n={test['n']}) vs {test['baseline_mae']:.2f} for "
                        f"predicting the training mean; best epoch {result['best']['epoch']} -> {out_dir}")
+            common.log_mlflow_run(mlflow, history_csv=out_dir / "history.csv", metrics={
+                f"test_{k}": v for k, v in test.items()}, files=[out_dir / n for n in (
+                    "metrics.json", "scatter.png", "bland_altman.png", "curves.png", "best.pt")])
     finally:
+        if mlflow:
+            mlflow.end_run()
         common.cleanup_distributed()
 
 
@@ -179,16 +187,25 @@ def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: floa
     table = pd.DataFrame({"id": test["id"].astype(str), "sex": test["sex"],
                           "true_months": true_months, "predicted_months": predicted["test"].round(2)})
     common.write_csv(table, out_dir / "predictions.csv")
+    # RSNA has one image per child, so resampling images is resampling patients.
+    scores = common.regression_metrics_with_ci(true_months, predicted["test"], test["id"].to_numpy(),
+                                               args.bootstrap, args.seed)
+    bands = common.age_group_names(common.DEFAULT_AGE_EDGES)
+    band = common.age_group_of(true_months / 12.0, common.DEFAULT_AGE_EDGES)
+    by = {"by_sex": {sex: test["sex"].to_numpy() == sex for sex in ("F", "M")},
+          "by_age_band": {bands[g]: band == g for g in range(len(bands))}}
     metrics = {
         "val": {"mae": common.mean_absolute_error(frames["val"]["boneage"], predicted["val"]),
                 "n": int(len(frames["val"]))},
-        "test": {"mae": common.mean_absolute_error(true_months, predicted["test"]),
-                 "mae_ci": common.bootstrap_ci(common.mean_absolute_error, true_months,
-                                               predicted["test"], groups=test["id"].to_numpy()),
-                 "n": int(len(test)),
-                 "baseline_mae": common.mean_absolute_error(true_months, np.full(len(test), train_mean))},
+        "test": {**scores, "mae_ci": [scores["mae_lo"], scores["mae_hi"]],
+                 "baseline_mae": common.mean_absolute_error(true_months, np.full(len(test), train_mean)),
+                 **{name: {value: common.regression_metrics_with_ci(
+                     true_months[mask], predicted["test"][mask], test["id"].to_numpy()[mask],
+                     args.bootstrap, args.seed) for value, mask in masks.items() if mask.any()}
+                    for name, masks in by.items()}},
     }
     common.write_json(metrics, out_dir / "metrics.json")
+    common.plot_training_curves(out_dir / "history.csv", out_dir / "curves.png", "bone age", "mae")
     title = f"bone age, test ({args.arch})"
     common.plot_scatter(true_months, predicted["test"], out_dir / "scatter.png", title)
     common.plot_bland_altman(true_months, predicted["test"], out_dir / "bland_altman.png", title)

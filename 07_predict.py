@@ -3,7 +3,8 @@
 INPUT is any mix of
   a folder      every .png/.jpg/.jpeg/.dcm under it, recursively (and extension-less DICOM files)
   a CSV         column `path` (or `image_path`); optional `projection` (AP/Lat), `age` (years),
-                `sex` (M/F) and `study_id`; relative paths are read from the CSV's folder
+                `sex` (M/F), `study_id`, `patient_id` and `laterality` (L/R); relative paths are
+                read from the CSV's folder
   image files   PNG/JPEG (8 or 16 bit) or DICOM
 
 Each image gets
@@ -12,23 +13,28 @@ Each image gets
                   stored in the models; with no age, predicted by the age router of 03
   a fracture probability from the model 04 trained for that projection and age group, and a 0/1
                   prediction at that model's threshold (chosen on validation in 04).
+                  fracture_prob is calibrated (the Platt map 04 fitted on validation), raw_prob
+                  is the network's own output; the prediction is raw_prob >= the stored threshold,
+                  and `threshold` is shown on the calibrated scale (the same decision).
 The image is preprocessed exactly as in training (common.preprocess_image at the model's size).
 An image that cannot be used (missing, unreadable, no projection, no model for its group) is a
 counted skip with its reason, never a crash.
 
-Study rows (when the CSV has study_id): fracture_prob is the MAX over the study's images (the
-score 04 evaluates studies by), and fracture_pred is 1 when ANY of its images is predicted
-positive at its own model's threshold: AP and Lat models have different thresholds, and a fracture
-seen in one projection is a fracture of the study.
+Study rows (when the CSV has study_id): a study is (patient_id, study_id, laterality), so left and
+right wrists are two studies; common.study_table is the rule, the same code 04 evaluates studies
+with. fracture_prob is the MAX over the study's images, and fracture_pred is 1 when ANY of its
+images is predicted positive at its own model's threshold: AP and Lat models have different
+thresholds, and a fracture seen in one projection is a fracture of the study. patient_id is used
+for grouping only, never written.
 
 Nothing identifying is written: no names, IDs or birth dates, and of the DICOM header only the
 view, age and sex are read (to choose the model), none of them copied to the outputs.
 
 Reads   MODELS/fracture/{AP,Lat}/group{g}/best.pt (04); MODELS/age/best.pt (03, for images
         without an age); MODELS/boneage/best.pt (05, with --boneage)
-Writes  OUT/predictions.csv  level (image/study), input_path, study_id, projection,
+Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterality, projection,
                              projection_source (csv/dicom/flag), age_group, age_group_name,
-                             age_group_source (given/predicted), fracture_prob, fracture_pred,
+                             age_group_source (given/predicted), fracture_prob, raw_prob, fracture_pred,
                              threshold, model, n_images; bone_age_months (--boneage); cam_path (--cam)
         OUT/skipped.csv      input_path, reason, detail: every image left out and why
         OUT/gradcam/         Grad-CAM++ overlays (--cam), drawn as in 06_gradcam.py
@@ -134,7 +140,7 @@ def main(argv=None):
 def _no_fracture_track(images: pd.DataFrame) -> None:
     """The fracture columns, empty, for a run that trained only the bone-age model; the images
     are not listed as fracture skips (there was nothing to predict)."""
-    for column in ("age_group", "age_group_source", "fracture_prob", "fracture_pred", "threshold",
+    for column in ("age_group", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
                    "model", "cam_path"):
         images[column] = None
     no_projection = images["skip_reason"] == "no projection"
@@ -161,7 +167,8 @@ def collect_inputs(inputs: list[Path]) -> pd.DataFrame:
             raise common.InputError(f"{item}: no such folder, CSV or image file")
     if not rows:
         raise common.InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
-    frame = pd.DataFrame(rows, columns=["input_path", "path", "study_id", "csv_projection", "csv_age", "csv_sex"])
+    frame = pd.DataFrame(rows, columns=["input_path", "path", "study_id", "patient_id", "laterality",
+                                        "csv_projection", "csv_age", "csv_sex"])
     frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
     return frame.astype(object).where(frame.notna(), None)
 
@@ -197,6 +204,8 @@ def _rows_from_csv(csv_path: Path) -> list[dict]:
         path = Path(given) if Path(given).is_absolute() else csv_path.parent / given
         rows.append({"input_path": given, "path": str(path),
                      "study_id": record.get("study_id", "").strip() or None,
+                     "patient_id": record.get("patient_id", "").strip() or None,
+                     "laterality": record.get("laterality", "").strip().upper() or None,
                      "csv_projection": record.get("projection", "").strip() or None,
                      "csv_age": record.get("age", "").strip() or None,
                      "csv_sex": record.get("sex", "").strip() or None})
@@ -331,7 +340,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
     """Run each (projection, age group) model on its images; with `gradcam` (06's module) also
     write Grad-CAM++ overlays."""
     import torch
-    for column in ("fracture_prob", "fracture_pred", "threshold", "model", "cam_path"):
+    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "model", "cam_path"):
         images[column] = None
     ready = images[images["skip_reason"].isna() & images["age_group"].notna()]
     for (projection, group), members in ready.groupby(["projection", "age_group"]):
@@ -348,10 +357,12 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         relative = model_path.relative_to(args.models).as_posix()
         for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
                                                 args.batch_size, f"{projection} group {group}", _skip):
-            probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy()
-            images.loc[indices, "fracture_prob"] = probs.astype(float)
-            images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)
-            images.loc[indices, "threshold"] = threshold
+            probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy().astype(float)
+            calibration = checkpoint.get("calibration")
+            images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
+            images.loc[indices, "raw_prob"] = probs
+            images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
+            images.loc[indices, "threshold"] = float(common.apply_calibration([threshold], calibration)[0])
             images.loc[indices, "model"] = relative
             if gradcam is not None:
                 cams, _ = gradcam.grad_cam_plus_plus(model, squares, device)
@@ -394,8 +405,8 @@ def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> 
 
 def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
     names = common.age_group_names(edges) if edges is not None else []
-    rows = images[["input_path", "study_id", "projection", "projection_source", "age_group",
-                   "age_group_source", "fracture_prob", "fracture_pred", "threshold", "model"]].copy()
+    rows = images[["input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
+                   "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold", "model"]].copy()
     rows["level"], rows["n_images"] = "image", 1
     rows["age_group_name"] = [None if group is None else names[int(group)] for group in rows["age_group"]]
     rows["fracture_pred"] = rows["fracture_pred"].astype("Int64")  # empty for a bone-age-only row
@@ -407,21 +418,21 @@ def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
 
 
 def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
-    """One row per study_id: max probability, positive if any image is positive (see the docstring)."""
+    """One row per study (common.study_table, the rule 04 evaluates): max calibrated and raw
+    probability, positive if any image is positive (see the docstring)."""
     scored = images[images["study_id"].notna() & images["fracture_prob"].notna()]
     if scored.empty:
         return pd.DataFrame()
-    studies = scored.groupby("study_id", sort=True).agg(
-        fracture_prob=("fracture_prob", "max"), fracture_pred=("fracture_pred", "max"),
-        n_images=("input_path", "size"),
-        projection=("projection", lambda p: "+".join(sorted(set(p)))))
-    studies["fracture_pred"] = studies["fracture_pred"].astype(int)
-    return studies.reset_index().assign(level="study")
+    studies = common.study_table(scored.astype({"fracture_prob": float, "raw_prob": float}), "fracture_prob",
+                                 "fracture_pred", raw_prob=("raw_prob", "max"),
+                                 projection=("projection", lambda p: "+".join(sorted(set(p)))))
+    return studies.rename(columns={"prob": "fracture_prob", "decision": "fracture_pred"}).assign(
+        level="study", laterality=studies["laterality"].replace("", None)).drop(columns="patient_id")
 
 
 def _output_columns(args) -> list[str]:
-    return ["level", "input_path", "study_id", "projection", "projection_source", "age_group",
-            "age_group_name", "age_group_source", "fracture_prob", "fracture_pred", "threshold",
+    return ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
+            "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
             "model", "n_images", *(["bone_age_months"] if args.boneage else []),
             *(["cam_path"] if args.cam else [])]
 

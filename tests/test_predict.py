@@ -21,8 +21,8 @@ from conftest import cr_dicom, load_stage
 EDGES = [5.0, 10.0, 15.0]
 SIZE = 32
 THRESHOLDS = {("AP", 1): 0.5, ("Lat", 1): 0.45, ("AP", 2): 0.55, ("Lat", 2): 0.5}
-IMAGE_COLUMNS = ["level", "input_path", "study_id", "projection", "projection_source", "age_group",
-                 "age_group_name", "age_group_source", "fracture_prob", "fracture_pred", "threshold",
+IMAGE_COLUMNS = ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
+                 "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
                  "model", "n_images"]
 
 

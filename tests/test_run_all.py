@@ -83,7 +83,7 @@ def test_second_run_trains_nothing(finished_run, small_demo):
     again = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
     seconds = time.perf_counter() - start
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("up to date, skipped") == 6
+    assert again.stdout.count("up to date, skipped") == 7  # 01-06 and the report (08)
     assert "epoch" not in again.stdout
     assert digest(out / "fracture") == before
     assert seconds < 60, seconds

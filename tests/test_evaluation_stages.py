@@ -1,0 +1,146 @@
+"""04's evaluation files, MLflow tracking, 07's study decision against 04's study_pred, and the
+report's figures against the metrics files, on one small trained demo."""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import common
+from conftest import load_stage
+
+FAST = ["--image-size", "32", "--batch-size", "16", "--device", "cpu", "--epochs", "1", "--bootstrap", "50"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(small_demo, tmp_path_factory):
+    """Splits, a perfect stand-in for 03's router (its predictions file), 04 and 05 with --mlflow, 08."""
+    out = tmp_path_factory.mktemp("evaluated")
+    flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
+             "--out", str(out), "--preset", "demo"]
+    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
+    load_stage("02_split_trainval").main(flags)
+    frames = pd.concat([common.read_split(out, "wrist", split).assign(split=split) for split in ("train", "val", "test")])
+    common.write_csv(frames[["filestem", "split", "age_group"]].assign(age_group_pred=frames["age_group"]),
+                     out / "age" / "predictions.csv")
+    load_stage("04_train_fracture_ddp").main([*flags, *FAST, "--min-epoch-samples", "64", "--mlflow"])
+    load_stage("05_train_boneage").main([*flags, *FAST, "--mlflow"])
+    load_stage("08_report").main(["--out", str(out)])
+    return out
+
+
+def test_operating_points_calibration_and_subgroups(evaluated):
+    fracture = evaluated / "fracture"
+    points = pd.read_csv(fracture / "operating_points.csv")
+    assert {"cascade_true", "cascade_pred", "study_pred"} <= set(points["scope"])
+    assert set(points["rule"]) == {"youden", "sens90", "sens95"}
+    for name in common.BINARY_METRICS:
+        defined = points.dropna(subset=[name, f"{name}_lo"])
+        assert ((defined[f"{name}_lo"] <= defined[name] + 1e-12) & (defined[name] <= defined[f"{name}_hi"] + 1e-12)).all()
+    train_val = pd.concat([common.read_split(evaluated, "wrist", s) for s in ("train", "val")])
+    assert points["prevalence"].unique().tolist() == pytest.approx([train_val["label"].mean()])
+    calibration = json.loads((fracture / "calibration.json").read_text())
+    assert {"raw", "calibrated", "raw_at_prevalence", "calibrated_at_prevalence"} <= set(calibration["cascade_pred"])
+    assert set(calibration["cascade_pred"]["raw"]) == {"brier", "ece"}
+    subgroups = pd.read_csv(fracture / "subgroups.csv")
+    assert set(subgroups["subgroup"]) == {"projection", "age_group", "sex", "cast", "initial_exam", "laterality"}
+    assert {"n", "n_pos", "auc", "auc_lo", "auc_hi", "sensitivity", "specificity"} <= set(subgroups.columns)
+    assert (fracture / "reliability.png").stat().st_size > 0
+    boneage = json.loads((evaluated / "boneage" / "metrics.json").read_text())["test"]
+    for name in ("mae", "rmse", "r2", "bias"):
+        assert boneage[f"{name}_lo"] <= boneage[name] <= boneage[f"{name}_hi"]
+    assert set(boneage["by_sex"]) <= {"F", "M"} and boneage["by_age_band"]
+
+
+def test_mlflow_tracks_params_epochs_metrics_plots_and_model_under_out(evaluated):
+    database = evaluated / "mlruns" / "mlflow.db"
+    with sqlite3.connect(database) as connection:
+        experiments = dict(connection.execute("select name, experiment_id from experiments"))
+        assert {"wrist-fracture", "boneage"} <= set(experiments)
+        run_id = connection.execute("select run_uuid from runs where experiment_id = ?",
+                                    (experiments["wrist-fracture"],)).fetchone()[0]
+        params = dict(connection.execute("select key, value from params where run_uuid = ?", (run_id,)))
+        steps = connection.execute("select count(distinct step) from metrics where run_uuid = ? and key like "
+                                   "'%train_loss'", (run_id,)).fetchone()[0]
+        final = [k for (k,) in connection.execute("select key from latest_metrics where run_uuid = ?", (run_id,))]
+    assert params["epochs"] == "1" and steps >= 1 and any(k.endswith("test_auc") for k in final)
+    artifacts = [p.relative_to(evaluated).as_posix() for p in (evaluated / "mlruns" / "artifacts").rglob("*") if p.is_file()]
+    assert any(a.endswith("/best.pt") for a in artifacts) and any(a.endswith("/roc.png") for a in artifacts)
+    assert any(a.endswith("operating_points.csv") for a in artifacts)
+
+
+def test_study_pred_is_what_07_decides_for_the_same_images(evaluated, tmp_path):
+    test = common.read_split(evaluated, "wrist", "test")
+    worklist = pd.DataFrame({"path": test["image_path"], "projection": test["projection_name"],
+                             "age": test["age"], "patient_id": test["patient_id"],
+                             "study_id": test["patient_id"].astype(str) + "-" + test["study_number"].astype(str),
+                             "laterality": test["laterality"]})
+    worklist.to_csv(tmp_path / "worklist.csv", index=False)
+    table = load_stage("07_predict").main([str(tmp_path / "worklist.csv"), "--models", str(evaluated),
+                                           "--out", str(tmp_path / "predicted"), "--device", "cpu"])
+    images = table[table["level"] == "image"]
+    assert np.allclose(images["fracture_prob"].astype(float), images["fracture_prob"].astype(float).clip(0, 1))
+    assert ((images["raw_prob"] >= 0) & (images["raw_prob"] <= 1)).all()
+    predicted = table[table["level"] == "study"].set_index(["study_id", "laterality"])
+    studies = pd.read_csv(evaluated / "fracture" / "test_studies.csv", dtype=str)
+    keys = list(zip(studies["patient_id"] + "-" + studies["study_id"], studies["laterality"]))
+    assert len(keys) > 10
+    decided = predicted.loc[keys]
+    assert decided["fracture_pred"].astype(int).tolist() == studies["decision"].astype(int).tolist()
+    assert decided["n_images"].astype(int).tolist() == studies["n_images"].astype(int).tolist()
+    row = pd.read_csv(evaluated / "fracture" / "operating_points.csv").query("scope == 'study_pred' and rule == 'youden'").iloc[0]
+    labels, decisions = studies["label"].astype(int).to_numpy(), decided["fracture_pred"].astype(int).to_numpy()
+    assert row["n"] == len(studies)
+    assert row["sensitivity"] == pytest.approx(decisions[labels == 1].mean())
+    assert row["specificity"] == pytest.approx(1 - decisions[labels == 0].mean())
+
+
+def _cells(report: str, first: str, width: int) -> list[list[str]]:
+    """The cells of the report's table rows that start with `first` and have `width` cells."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()
+            if line.startswith(f"| {first} |")]
+    return [cells for cells in rows if len(cells) == width]
+
+
+def _with_ci(cell: str) -> list[float]:
+    return [float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups()]
+
+
+def test_report_figures_equal_the_metrics_files(evaluated):
+    report = (evaluated / "REPORT.md").read_text()
+    points = pd.read_csv(evaluated / "fracture" / "operating_points.csv")
+    names = ["auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "ppv_at_prevalence", "npv_at_prevalence"]
+    checked = 0
+    for scope in ("cascade_true", "cascade_pred", "study_pred"):
+        for cells in _cells(report, scope, 12):
+            row = points[(points["scope"] == scope) & (points["rule"] == cells[1])].iloc[0]
+            assert cells[2] == f"{int(row['n'])} ({int(row['n_pos'])})"
+            for name, cell in zip(names, cells[3:]):
+                if cell != "n/a":
+                    assert _with_ci(cell) == [round(row[name], 3), round(row[f"{name}_lo"], 3),
+                                              round(row[f"{name}_hi"], 3)], (scope, cells[1], name)
+                    checked += 1
+    assert checked >= 60
+    assert f"({points['prevalence'].iloc[0]:.3f})" in report
+    calibration = json.loads((evaluated / "fracture" / "calibration.json").read_text())
+    for scope, values in calibration.items():
+        (cells,) = _cells(report, scope, 10)
+        assert [float(c) for c in cells[1:9]] == [round(values[k + suffix][m], 3) for suffix in ("", "_at_prevalence")
+                                                  for m in ("brier", "ece") for k in ("raw", "calibrated")]
+    summary = pd.read_csv(evaluated / "fracture" / "summary.csv")
+    cascade = summary[summary["kind"] == "cascade_pred_group"].iloc[0]
+    (cells,) = _cells(report, "cascade pred group", 8)
+    assert _with_ci(cells[3]) == [round(cascade[k], 3) for k in ("test_auc", "test_auc_ci_low", "test_auc_ci_high")]
+    subgroups = pd.read_csv(evaluated / "fracture" / "subgroups.csv", dtype={"value": str})
+    no_cast = subgroups[(subgroups["subgroup"] == "cast") & (subgroups["value"] == "0")].iloc[0]
+    assert f"without a cast {no_cast['auc']:.3f} [{no_cast['auc_lo']:.3f}, {no_cast['auc_hi']:.3f}]" in report
+    assert "--exclude-cast" in report
+    boneage = json.loads((evaluated / "boneage" / "metrics.json").read_text())["test"]
+    (cells,) = _cells(report, "all", 6)
+    for name, cell in zip(("mae", "rmse", "r2", "bias"), cells[2:]):
+        assert _with_ci(cell) == [round(boneage[name], 3), round(boneage[f"{name}_lo"], 3),
+                                  round(boneage[f"{name}_hi"], 3)]

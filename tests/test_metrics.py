@@ -1,0 +1,142 @@
+"""The shared metric functions (common.py section 8): values match scikit-learn, intervals contain
+their estimate and narrow with more patients, thresholds and calibration come from validation only,
+and the study rule."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, precision_score,
+                             recall_score, roc_auc_score)
+
+import common
+from conftest import load_stage
+
+
+def scores(n_patients: int, seed: int = 0, shift: float = 1.0):
+    """Two images per patient, correlated within a patient, with some signal."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(rng.integers(0, 2, n_patients), 2)
+    patients = np.repeat(np.arange(n_patients), 2)
+    logits = shift * (labels - 0.5) * 2 + np.repeat(rng.normal(0, 1, n_patients), 2) + rng.normal(0, 0.7, 2 * n_patients)
+    return labels, 1 / (1 + np.exp(-logits)), patients
+
+
+def test_binary_metrics_match_scikit_learn():
+    labels, probs, patients = scores(150)
+    result = common.binary_metrics_with_ci(labels, probs, patients, 0.55, n_boot=50, prevalence=0.3)
+    predicted = (probs >= 0.55).astype(int)
+    expected = {"auc": roc_auc_score(labels, probs), "sensitivity": recall_score(labels, predicted),
+                "specificity": recall_score(labels, predicted, pos_label=0),
+                "ppv": precision_score(labels, predicted), "npv": precision_score(labels, predicted, pos_label=0),
+                "f1": f1_score(labels, predicted), "accuracy": accuracy_score(labels, predicted)}
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, abs=1e-12), name
+    assert (result["n"], result["n_pos"], result["threshold"]) == (300, int(labels.sum()), 0.55)
+    sens, spec = expected["sensitivity"], expected["specificity"]
+    assert result["ppv_at_prevalence"] == pytest.approx(sens * 0.3 / (sens * 0.3 + (1 - spec) * 0.7))
+    assert result["npv_at_prevalence"] == pytest.approx(spec * 0.7 / (spec * 0.7 + (1 - sens) * 0.3))
+    tied = np.round(probs, 1)  # ties: the rank AUC must still equal sklearn's
+    assert common.binary_metrics_with_ci(labels, tied, patients, 0.5, n_boot=10)["auc"] == pytest.approx(
+        roc_auc_score(labels, tied), abs=1e-12)
+    assert common.calibration_metrics(labels, probs)["brier"] == pytest.approx(brier_score_loss(labels, probs))
+
+
+def test_intervals_contain_the_estimate_and_narrow_with_more_patients():
+    widths = {}
+    for n_patients in (40, 400):
+        labels, probs, patients = scores(n_patients, seed=n_patients)
+        result = common.binary_metrics_with_ci(labels, probs, patients, 0.5, n_boot=300, prevalence=0.3)
+        for name in (*common.BINARY_METRICS, "ppv_at_prevalence", "npv_at_prevalence"):
+            assert result[f"{name}_lo"] <= result[name] <= result[f"{name}_hi"], (n_patients, name)
+            widths.setdefault(name, []).append(result[f"{name}_hi"] - result[f"{name}_lo"])
+        true = np.linspace(0, 200, len(labels))
+        regression = common.regression_metrics_with_ci(true, true + probs * 30 - 10, patients, n_boot=300)
+        classes = common.classification_metrics_with_ci(labels, (probs >= 0.5).astype(int), patients, n_boot=300)
+        for kind, values, names in (("regression", regression, ("mae", "rmse", "r2", "bias")),
+                                    ("classes", classes, ("accuracy", "macro_f1"))):
+            for name in names:
+                assert values[f"{name}_lo"] <= values[name] <= values[f"{name}_hi"], (n_patients, name)
+                widths.setdefault(f"{kind} {name}", []).append(values[f"{name}_hi"] - values[f"{name}_lo"])
+    for name, (small, large) in widths.items():
+        assert large < small, (name, small, large)
+
+
+def test_bootstrap_resamples_patients_not_images():
+    """One patient's 10 identical images: resampling images would make the interval near zero wide."""
+    labels = np.repeat([0, 1] * 10, 10)
+    patients = np.repeat(np.arange(20), 10)
+    probs = np.where(labels == 1, 0.9, 0.1)
+    decisions = np.repeat(np.random.default_rng(0).integers(0, 2, 20), 10)  # per-patient decisions
+    result = common.binary_metrics_with_ci(labels, probs, patients, 0.5, n_boot=300, decisions=decisions)
+    assert result["accuracy_hi"] - result["accuracy_lo"] > 0.25
+
+
+def test_sensitivity_thresholds_are_the_highest_reaching_the_target():
+    labels, probs, _ = scores(200, seed=3)
+    for target in (0.9, 0.95):
+        threshold = common.sensitivity_threshold(labels, probs, target)
+        assert np.mean(probs[labels == 1] >= threshold) >= target
+        higher = probs[probs > threshold].min()
+        assert np.mean(probs[labels == 1] >= higher) < target
+    rules = common.operating_thresholds(labels, probs)
+    assert rules["youden"] == common.youden_threshold(labels, probs)
+    assert rules["sens95"] <= rules["sens90"]
+
+
+def test_platt_calibration_fixes_a_prior_shift_and_keeps_every_decision():
+    labels, probs, _ = scores(2000, seed=5)
+    skewed = 1 / (1 + np.exp(-(np.log(probs / (1 - probs)) + 1.5)))  # as a balanced sampler would
+    calibration = common.fit_calibration(labels, skewed)
+    calibrated = common.apply_calibration(skewed, calibration)
+    assert calibration["method"] == "platt" and calibration["slope"] > 0
+    assert common.calibration_metrics(labels, calibrated)["ece"] < common.calibration_metrics(labels, skewed)["ece"] / 2
+    threshold = 0.6
+    mapped = common.apply_calibration([threshold], calibration)[0]
+    assert np.array_equal(skewed >= threshold, calibrated >= mapped)
+    backwards = common.fit_calibration(labels, 1 - skewed)
+    assert backwards["method"] == "identity" and "slope" in backwards["reason"]
+    assert np.array_equal(common.apply_calibration(skewed, backwards), skewed)
+
+
+def test_04_fits_thresholds_and_calibration_without_test_data(tmp_path):
+    """Changing every test label changes no stored threshold or calibration parameter."""
+    stage = load_stage("04_train_fracture_ddp")
+    labels, probs, patients = scores(60, seed=7)
+    val = pd.DataFrame({"label": labels[:60], "patient_id": patients[:60]})
+    test = pd.DataFrame({"label": labels[60:], "patient_id": patients[60:]})
+    args = argparse.Namespace(bootstrap=50, seed=0)
+    stored = []
+    for test_labels in (test["label"], 1 - test["label"]):
+        run_dir = tmp_path / f"run{len(stored)}"
+        run_dir.mkdir()
+        common.save_checkpoint({"kind": "classifier", "state_dict": {"w": torch.zeros(1)}}, run_dir / "best.pt")
+        pd.DataFrame({"epoch": [1, 2], "train_loss": [0.5, 0.4], "val_auc": [0.6, 0.7]}).to_csv(
+            run_dir / "history.csv", index=False)
+        parts = {"val": val, "test": test.assign(label=test_labels)}
+        stage._evaluate_and_save(run_dir, "AP group 1", parts, probs[:60], probs[60:], args)
+        checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+        stored.append({key: checkpoint[key] for key in ("threshold", "thresholds", "calibration")})
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["calibration"] == checkpoint["calibration"]
+        for name in ("roc.png", "pr.png", "curves.png"):
+            assert (run_dir / name).stat().st_size > 0
+    assert stored[0] == stored[1]
+    assert stored[0]["thresholds"]["youden"] == stored[0]["threshold"]
+
+
+def test_study_rule_any_positive_image_and_left_right_apart():
+    images = pd.DataFrame({
+        "patient_id": [7, 7, 7, 8], "study_id": [1, 1, 1, 1], "laterality": ["L", "L", "R", "L"],
+        "projection": ["AP", "Lat", "AP", "AP"],
+        "prob": [0.40, 0.30, 0.20, 0.10], "threshold": [0.50, 0.25, 0.50, 0.50], "label": [1, 0, 0, 0]})
+    images["decision"] = (images["prob"] >= images["threshold"]).astype(int)  # AP negative, Lat positive
+    studies = common.study_table(images, "prob", "decision").set_index(["patient_id", "laterality"])
+    assert len(studies) == 3  # patient 7's left and right wrists are two studies
+    left = studies.loc[("7", "L")]
+    assert (left["decision"], left["prob"], left["n_images"], left["label"]) == (1, 0.40, 2, 1)
+    assert studies.loc[("7", "R"), "decision"] == 0 and studies.loc[("8", "L"), "decision"] == 0
