@@ -116,7 +116,7 @@ def test_killed_training_resumes_from_last_checkpoint(split_out, tmp_path):
     run_out = _copy_splits(out, tmp_path / "resume")
     command = [sys.executable, "04_train_fracture_ddp.py", *flags[:4], "--preset", "demo", *FAST,
                "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10",
-               "--bootstrap", "50", "--out", str(run_out)]
+               "--bootstrap", "50", "--init", "scratch", "--out", str(run_out)]
     crashed = _run(command, {"PIPELINE_CRASH_AFTER_EPOCH": "1"})
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     folder = run_out / "fracture" / "Lat" / "group2"
