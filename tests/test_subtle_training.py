@@ -91,3 +91,133 @@ def test_load_init_weights_rejects_another_architecture_and_missing_files(tmp_pa
         common.load_init_weights(common.create_model("test_resnet", num_classes=1), tmp_path / "best.pt")
     with pytest.raises(common.InputError, match="not found"):
         common.load_init_weights(common.create_model("test_resnet", num_classes=1), tmp_path / "nope.pt")
+
+
+# ---------------------------------------------------------------- 04: pooled start, ablation, resume
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from conftest import ROOT, load_stage  # noqa: E402
+
+TINY = ["--image-size", "32", "--batch-size", "16", "--device", "cpu", "--bootstrap", "50",
+        "--min-epoch-samples", "64"]
+
+
+@pytest.fixture(scope="module")
+def splits(small_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("subtle_out")
+    flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
+             "--out", str(out), "--preset", "demo"]
+    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
+    load_stage("02_split_trainval").main(flags)
+    return out, flags
+
+
+def _fresh(out, target):
+    shutil.copytree(out / "splits", target / "splits")
+    return target
+
+
+def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(splits, tmp_path, monkeypatch):
+    out, flags = splits
+    run_out = _fresh(out, tmp_path / "run")
+    starts, real_fit = {}, common.fit
+
+    def recording_fit(model, *args, run_dir, **kwargs):
+        starts[str(run_dir.relative_to(run_out / "fracture"))] = {
+            k: v.detach().clone() for k, v in model.state_dict().items()}
+        return real_fit(model, *args, run_dir=run_dir, **kwargs)
+
+    monkeypatch.setattr(common, "fit", recording_fit)
+    load_stage("04_train_fracture_ddp").main([*flags[:4], "--out", str(run_out), "--preset", "demo", *TINY,
+                                              "--projections", "AP", "--epochs", "1", "--ablation"])
+    pooled = torch.load(run_out / "fracture" / "AP" / "pooled" / "best.pt", weights_only=True)["state_dict"]
+    summary = pd.read_csv(run_out / "fracture" / "summary.csv")
+    trained = summary[(summary["kind"] == "model") & (summary["status"] == "trained")]
+    assert len(trained) >= 2 and (summary["kind"] == "pooled").sum() == 1
+    for group in trained["age_group"].astype(int):
+        fine_tuned, scratch = starts[f"AP/group{group}"], starts[f"ablation/scratch/AP/group{group}"]
+        assert all(torch.equal(fine_tuned[k], pooled[k]) for k in pooled), group  # epoch 0 = pooled best.pt
+        assert not all(torch.equal(scratch[k], pooled[k]) for k in pooled if k.endswith("weight"))
+        meta = torch.load(run_out / "fracture" / "AP" / f"group{group}" / "last.pt", weights_only=True)["meta"]
+        assert meta["init"].startswith("pooled:") and meta["settings"]["lr"] == pytest.approx(1e-3)
+    assert set(trained["init"]) == {"pooled"} and trained["threshold_source"].str.len().gt(0).all()
+    ablation = pd.read_csv(run_out / "fracture" / "ablation.csv")
+    assert list(ablation.columns) == ["arm", "scope", "n", "auc", "auc_lo", "auc_hi"]
+    expected_scopes = {f"AP_group{g}" for g in trained["age_group"].astype(int)} | {"cascade_true"}
+    assert set(ablation["scope"]) == expected_scopes
+    for scope, rows in ablation.groupby("scope"):
+        assert sorted(rows["arm"]) == ["from_pooled", "pooled", "scratch"], scope
+        assert rows["n"].nunique() == 1 and rows["n"].iloc[0] > 0  # the same test images for every arm
+    scored = ablation.dropna(subset=["auc_lo"])
+    assert ((scored["auc_lo"] <= scored["auc"]) & (scored["auc"] <= scored["auc_hi"])).all()
+    # the main arm's figures are the summary's: same images, same AUC
+    for row in trained.itertuples():
+        mine = ablation[(ablation["arm"] == "from_pooled") & (ablation["scope"] == f"AP_group{int(row.age_group)}")]
+        assert mine["auc"].iloc[0] == pytest.approx(row.test_auc, nan_ok=True)
+
+
+def test_small_validation_groups_take_the_pooled_threshold():
+    stage = load_stage("04_train_fracture_ddp")
+    pooled = {"row": {"test_threshold": 0.37}}
+    threshold, source = stage._threshold_rule([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], pooled)
+    assert threshold == 0.37 and "pooled" in source and "3 fracture" in source
+    assert stage._threshold_rule([1] * 5 + [0] * 5, pooled) == (None, "val Youden")
+    threshold, source = stage._threshold_rule([1, 0], None)
+    assert threshold is None and "UNRELIABLE" in source
+    assert "every validation image fracture" in stage._degenerate_warning(
+        [0.9, 0.8, 0.7], {"threshold": 0.5, "sensitivity": 0.5, "specificity": 0.5})
+    assert "sensitivity 1.00 with specificity 0.00" in stage._degenerate_warning(
+        [0.9, 0.1], {"threshold": 0.5, "sensitivity": 1.0, "specificity": 0.0})
+    assert stage._degenerate_warning([0.9, 0.1], {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.7}) == ""
+
+
+def _run_04(out, flags, extra, crash_after=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PIPELINE_CRASH_AFTER_EPOCH", None)
+    if crash_after:
+        env["PIPELINE_CRASH_AFTER_EPOCH"] = str(crash_after)
+    command = [sys.executable, "04_train_fracture_ddp.py", *flags[:4], "--out", str(out), "--preset", "demo",
+               *TINY, "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10", *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_fine_tuned_model_resumes_and_a_changed_start_does_not(splits, tmp_path):
+    out, flags = splits
+    run_out = _fresh(out, tmp_path / "resume")
+    group_dir, pooled_dir = run_out / "fracture" / "Lat" / "group2", run_out / "fracture" / "Lat" / "pooled"
+    first = _run_04(run_out, flags, [], crash_after=1)  # dies in the pooled model after epoch 1
+    assert first.returncode == 17, first.stderr[-2000:]
+    second = _run_04(run_out, flags, [], crash_after=1)  # pooled resumes and ends; group 2 dies after epoch 1
+    assert second.returncode == 17, second.stderr[-2000:]
+    assert f"resuming {pooled_dir} from last.pt after epoch 1" in second.stdout
+    assert torch.load(group_dir / "last.pt", weights_only=True)["epoch"] == 1
+    third = _run_04(run_out, flags, [])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"resuming {group_dir} from last.pt after epoch 1" in third.stdout
+    assert pd.read_csv(group_dir / "history.csv")["epoch"].tolist() == [1, 2, 3]
+    assert (run_out / "fracture" / "ablation.csv").is_file()
+    # Other starting weights at the same learning rate (a FILE fine-tunes at --finetune-lr too)
+    # must not resume the run fine-tuned from the pooled model.
+    changed = torch.load(pooled_dir / "best.pt", weights_only=True)
+    changed["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in changed["state_dict"].items()}
+    common.save_checkpoint(changed, tmp_path / "other_start.pt")
+    fourth = _run_04(run_out, flags, ["--init", str(tmp_path / "other_start.pt")])
+    assert fourth.returncode == 0, fourth.stderr[-2000:]
+    assert f"{group_dir / 'last.pt'}: written with other settings" in fourth.stdout
+    assert torch.load(group_dir / "last.pt", weights_only=True)["meta"]["init"].startswith("other_start.pt:")
+    summary = pd.read_csv(run_out / "fracture" / "summary.csv")
+    assert "pooled" not in set(summary["kind"])  # --init FILE trains no pooled model
+
+
+def test_init_file_must_exist(splits, tmp_path):
+    out, flags = splits
+    with pytest.raises(common.InputError, match="--init missing.pt: checkpoint not found"):
+        load_stage("04_train_fracture_ddp").main([*flags[:4], "--out", str(_fresh(out, tmp_path / "x")),
+                                                  "--init", "missing.pt", "--epochs", "1"])
