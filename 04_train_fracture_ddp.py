@@ -4,14 +4,12 @@ Each model (AP and Lat x 4 age groups = 8 by default) is trained in turn by ever
 the DDP-aware balanced sampler gives each rank a disjoint share of the same epoch, validation and
 test predictions are gathered from all ranks and scored once, and rank 0 alone writes files.
 
-Pooled start, per-group finish (--init pooled, the default): per projection, one model is first
-trained on ALL age groups (OUT/fracture/{AP,Lat}/pooled/, evaluated like a group model); each
-group model then starts from its weights and is fine-tuned on its own group at --finetune-lr. The
-youngest groups have a few dozen images: from scratch they have too little to learn a thin
-cortical line from. --init scratch trains each group from random init; --init FILE starts every
-group from a checkpoint (e.g. an earlier run's pooled/best.pt). --ablation also trains the other
-arm (from scratch, or from pooled) into OUT/fracture/ablation/<arm>/, so ablation.csv compares
-the pooled model alone, groups from scratch and groups from pooled on the same test images.
+Pooled start, per-group finish (--init pooled, default): per projection, a model trained on ALL
+age groups first (evaluated like a group model), then each group model fine-tuned from it at
+--finetune-lr: the youngest groups' few dozen images are too few to learn a thin cortical line
+from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt). --ablation also trains the
+other arm into OUT/fracture/ablation/<arm>/: ablation.csv compares the pooled model alone, groups
+from scratch and groups from pooled on the same test images.
 
 Reads   OUT/splits/wrist_{train,val,test}.csv, age_groups.json (01/02);
         OUT/age/predictions.csv (03) with --route pred and for the predicted-group cascade
@@ -20,6 +18,7 @@ Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (with the val-chosen threshold)
         OUT/fracture/{AP,Lat}/pooled/    the same for the all-ages model (with --init pooled)
         OUT/fracture/summary.csv          one row per model (or its skip reason) + cascade rows
         OUT/fracture/ablation.csv         arm x scope (each group, the cascade): n, AUC, 95% CI
+        OUT/fracture/ablation_predictions.csv  each arm's probability for every test image
         OUT/fracture/test_predictions.csv every test image's fracture probability
         OUT/fracture/config.json
 
@@ -29,11 +28,9 @@ fraction of the training set. (The original code stacked a balanced sampler on a
 some models collapsed to all-negative.)
 
 Decision threshold: Youden's J (sensitivity + specificity - 1) maximised on validation, stored in
-best.pt and applied unchanged to test. A group whose validation set has fewer than
-MIN_THRESHOLD_CLASS (5) fractures or normals cannot place a threshold (one image moves it
-anywhere): it takes the pooled model's threshold, and summary.csv says so (threshold_source).
-A model that calls every validation image one class, or whose test sensitivity and specificity
-sit at opposite extremes (1 and 0), is flagged in summary.csv's `warning` column and the log.
+best.pt and applied unchanged to test. A group with < 5 validation fractures or normals takes
+the pooled model's threshold (summary.csv: threshold_source). A model calling every validation
+image one class, or with test sensitivity/specificity at 1/0, is flagged (summary.csv: warning).
 
 Run:
   python 04_train_fracture_ddp.py                                    # demo, 1 process
@@ -44,6 +41,8 @@ Run:
   python 04_train_fracture_ddp.py --ablation                          # + groups from scratch
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -59,9 +58,6 @@ PRESETS = {
     "full": {"arch": "convnextv2_large.fcmae_ft_in22k_in1k_384", "epochs": 30, "batch_size": 32,
              "lr": 5e-5, "patience": 6, "finetune_lr": 2e-5},
 }
-# Fewer validation fractures (or normals) than this and a group's own threshold is noise: the
-# Youden optimum on 3 positives jumps with every image. Such a group takes the pooled threshold.
-MIN_THRESHOLD_CLASS = 5
 
 
 def parse_args(argv=None):
@@ -95,6 +91,9 @@ def parse_args(argv=None):
     unknown = [p for p in args.projections if p not in common.PROJECTIONS]
     if unknown:
         parser.error(f"--projections: unknown {unknown}; use AP and/or Lat")
+    if args.init not in ("pooled", "scratch") and not Path(args.init).is_file():
+        raise common.InputError(f"--init {args.init}: checkpoint not found; give pooled, scratch, or the "
+                                "path of a best.pt/last.pt written by 04 (same --arch)")
     return args
 
 
@@ -105,7 +104,6 @@ def main(argv=None):
     frames = _read_routed_splits(args)
     common.assert_no_patient_leak(frames)
     common.check_training_args(args)
-    _check_init(args)
     mlflow = _start_mlflow(args) if args.mlflow else None
     groups = [int(g) for g in args.groups.split(",")] if args.groups else list(range(len(edges) + 1))
     info = common.setup_distributed(args.device)
@@ -167,15 +165,7 @@ def _read_routed_splits(args) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def _check_init(args) -> None:
-    """--init pooled | scratch | an existing checkpoint file; fail before any training."""
-    from pathlib import Path
-    if args.init not in ("pooled", "scratch") and not Path(args.init).is_file():
-        raise common.InputError(f"--init {args.init}: checkpoint not found; give pooled, scratch, or the "
-                                "path of a best.pt/last.pt written by 04 (same --arch)")
-
-
-def _arms(args, out_dir) -> list[tuple[str, object]]:
+def _arms(args, out_dir) -> list[tuple[str, Path]]:
     """(arm, folder) pairs: the arm --init asks for writes the usual folders; --ablation adds the
     other per-group arm under ablation/, so both are scored on the same test images."""
     main_arm = {"pooled": "from_pooled", "scratch": "scratch"}.get(args.init, "from_file")
@@ -185,14 +175,10 @@ def _arms(args, out_dir) -> list[tuple[str, object]]:
 
 def _init_file(arm, args, pooled, pooled_path):
     """(checkpoint, label for summary.csv) the arm's group models start from, or None = scratch."""
-    from pathlib import Path
-    if arm == "from_file":
-        return Path(args.init), Path(args.init).name
-    if arm == "from_pooled":
-        if pooled is None or pooled["row"]["status"] != "trained":
-            common.log("the pooled model was skipped: group models start from scratch")
-            return None
-        return pooled_path, "pooled"
+    if arm == "from_pooled" and (pooled is None or pooled["row"]["status"] != "trained"):
+        common.log("the pooled model was skipped: group models start from scratch")
+    elif arm in ("from_pooled", "from_file"):
+        return (pooled_path, "pooled") if arm == "from_pooled" else (Path(args.init), Path(args.init).name)
     return None
 
 
@@ -264,12 +250,13 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
                                          target=projection_test["label"].to_numpy(np.float32))
     all_test_probs = _predict_probs(model, test_set, args, info)
     own = (is_pooled | (projection_test["route_group"] == group)).to_numpy()
-    threshold, threshold_source = _threshold_rule(parts["val"]["label"], pooled)
+    threshold, threshold_source = common.small_group_threshold(
+        parts["val"]["label"], (pooled or {}).get("row", {}).get("test_threshold"), "pooled model's")
     metrics, warning = {}, ""
     if info.is_main:
         metrics = _evaluate_and_save(run_dir, name, parts, val_probs, all_test_probs[own], args,
                                      threshold=threshold)
-        warning = _degenerate_warning(val_probs, metrics)
+        warning = common.degenerate_warning(val_probs, metrics)
         if warning:
             common.log(f"WARNING {name}: {warning}")
         if threshold_source != "val Youden":
@@ -278,31 +265,6 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
                     "threshold_source": threshold_source, "warning": warning,
                     **{f"test_{k}": v for k, v in metrics.items()}},
             "test_probs": pd.Series(all_test_probs, index=projection_test["filestem"])}
-
-
-def _threshold_rule(val_labels, pooled) -> tuple[float | None, str]:
-    """None = choose on this model's own validation set; else the pooled model's threshold."""
-    positives = int(np.sum(val_labels))
-    negatives = len(val_labels) - positives
-    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
-        return None, "val Youden"
-    counts = f"val has {positives} fracture / {negatives} normal images, < {MIN_THRESHOLD_CLASS} of one class"
-    pooled_threshold = (pooled or {}).get("row", {}).get("test_threshold")
-    if pooled_threshold is None:
-        return None, f"val Youden, UNRELIABLE: {counts} and no pooled model (--init pooled or --ablation)"
-    return float(pooled_threshold), f"pooled model's ({counts})"
-
-
-def _degenerate_warning(val_probs, metrics) -> str:
-    """A model that answers one class for everything, said out loud rather than reported as a result."""
-    problems = []
-    called = np.asarray(val_probs) >= metrics["threshold"]
-    if called.all() or not called.any():
-        problems.append(f"calls every validation image {'fracture' if called.all() else 'normal'}")
-    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
-    if {sensitivity, specificity} == {0.0, 1.0}:
-        problems.append(f"test sensitivity {sensitivity:.2f} with specificity {specificity:.2f}")
-    return "degenerate model: " + "; ".join(problems) if problems else ""
 
 
 def _skip_reason(parts: dict[str, pd.DataFrame]) -> str:
@@ -423,6 +385,7 @@ def _write_ablation(out_dir, test, arm_probs, args) -> None:
             rows.append({"arm": arm, "scope": scope, "n": len(scored), "auc": auc, "auc_lo": low, "auc_hi": high})
     ablation = pd.DataFrame(rows)
     common.write_csv(ablation, out_dir / "ablation.csv")
+    common.write_csv(table, out_dir / "ablation_predictions.csv")  # each arm's probability per image
     common.log("ablation, test AUC (95% CIs in ablation.csv):\n" + ablation.pivot(index="scope", columns="arm", values="auc")
                .reindex(columns=arms).to_string(float_format=lambda v: f"{v:.3f}"))
 

@@ -1629,6 +1629,38 @@ def _primitives(values: dict) -> dict:
     return json.loads(json.dumps(values, default=_json_default))
 
 
+# Fewer validation positives (or negatives) than this and a model's own threshold is noise: the
+# Youden optimum on 3 fractures jumps with every image.
+MIN_THRESHOLD_CLASS = 5
+
+
+def small_group_threshold(val_labels, fallback: float | None, fallback_name: str) -> tuple[float | None, str]:
+    """(threshold, where it comes from): None = choose on this model's own validation set; a
+    validation set with < MIN_THRESHOLD_CLASS of a class borrows `fallback` (e.g. the pooled
+    model's threshold) and says so; without a fallback its own threshold is marked UNRELIABLE."""
+    positives = int(np.sum(val_labels))
+    negatives = len(val_labels) - positives
+    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
+        return None, "val Youden"
+    counts = f"val has {positives} positive / {negatives} negative images, < {MIN_THRESHOLD_CLASS} of one class"
+    if fallback is None or not np.isfinite(fallback):
+        return None, f"val Youden, UNRELIABLE: {counts} and no model to borrow a threshold from"
+    return float(fallback), f"{fallback_name} ({counts})"
+
+
+def degenerate_warning(val_probs, metrics: dict) -> str:
+    """Say out loud when a binary model answers one class for everything (every validation image
+    on one side of its threshold, or test sensitivity and specificity at opposite extremes)."""
+    problems = []
+    called = np.asarray(val_probs) >= metrics["threshold"]
+    if called.all() or not called.any():
+        problems.append(f"calls every validation image {'positive' if called.all() else 'negative'}")
+    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
+    if {sensitivity, specificity} == {0.0, 1.0}:
+        problems.append(f"test sensitivity {sensitivity:.2f} with specificity {specificity:.2f}")
+    return "degenerate model: " + "; ".join(problems) if problems else ""
+
+
 # ------------------------------------------------------------------------------------------------
 # 8. Metrics and plots
 # ------------------------------------------------------------------------------------------------

@@ -164,18 +164,16 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
 
 
 def test_small_validation_groups_take_the_pooled_threshold():
-    stage = load_stage("04_train_fracture_ddp")
-    pooled = {"row": {"test_threshold": 0.37}}
-    threshold, source = stage._threshold_rule([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], pooled)
-    assert threshold == 0.37 and "pooled" in source and "3 fracture" in source
-    assert stage._threshold_rule([1] * 5 + [0] * 5, pooled) == (None, "val Youden")
-    threshold, source = stage._threshold_rule([1, 0], None)
+    threshold, source = common.small_group_threshold([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], 0.37, "pooled model's")
+    assert threshold == 0.37 and "pooled model's" in source and "3 positive" in source
+    assert common.small_group_threshold([1] * 5 + [0] * 5, 0.37, "pooled model's") == (None, "val Youden")
+    threshold, source = common.small_group_threshold([1, 0], None, "pooled model's")
     assert threshold is None and "UNRELIABLE" in source
-    assert "every validation image fracture" in stage._degenerate_warning(
+    assert "every validation image positive" in common.degenerate_warning(
         [0.9, 0.8, 0.7], {"threshold": 0.5, "sensitivity": 0.5, "specificity": 0.5})
-    assert "sensitivity 1.00 with specificity 0.00" in stage._degenerate_warning(
+    assert "sensitivity 1.00 with specificity 0.00" in common.degenerate_warning(
         [0.9, 0.1], {"threshold": 0.5, "sensitivity": 1.0, "specificity": 0.0})
-    assert stage._degenerate_warning([0.9, 0.1], {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.7}) == ""
+    assert common.degenerate_warning([0.9, 0.1], {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.7}) == ""
 
 
 def _run_04(out, flags, extra, crash_after=None):
