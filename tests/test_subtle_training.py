@@ -1,10 +1,19 @@
-"""Issue 14's training details: torchvision's focal loss, timm's weight-decay groups, init weights."""
+"""Issue 14: torchvision's focal loss, timm's weight-decay groups, init weights, 04's pooled start,
+ablation, small-group threshold and the resume of fine-tuned runs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pandas as pd
 import pytest
 import torch
 
 import common
+from conftest import ROOT, load_stage
+# The small demo's splits (2 test images per cell), shared with the stage tests.
+from test_train_stages import _copy_splits as _fresh, split_out as splits  # noqa: F401
 
 
 def _old_focal_formula(logits, targets, alpha, gamma):
@@ -95,33 +104,8 @@ def test_load_init_weights_rejects_another_architecture_and_missing_files(tmp_pa
 
 # ---------------------------------------------------------------- 04: pooled start, ablation, resume
 
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from conftest import ROOT, load_stage  # noqa: E402
-
 TINY = ["--image-size", "32", "--batch-size", "16", "--device", "cpu", "--bootstrap", "50",
         "--min-epoch-samples", "64"]
-
-
-@pytest.fixture(scope="module")
-def splits(small_demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("subtle_out")
-    flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
-             "--out", str(out), "--preset", "demo"]
-    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
-    load_stage("02_split_trainval").main(flags)
-    return out, flags
-
-
-def _fresh(out, target):
-    shutil.copytree(out / "splits", target / "splits")
-    return target
 
 
 def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(splits, tmp_path, monkeypatch):
