@@ -6,8 +6,12 @@ the others cost the same per image). It records training images/s (median over e
 history.csv), the wall time, and test AUC of the pooled and the fine-tuned model for subtle and
 obvious fractures (data/subtle_vs_obvious.py). Timings depend on what else runs on the cores.
 
+With --steps N it only times N training steps per configuration (forward, focal loss, backward,
+AdamW; random 1-channel batches): the compute cost alone, in seconds rather than minutes.
+
 Run (after 01 and 02 on the demo into OUT):
   python tests/measure_demo_preset.py --splits OUT --work /tmp/preset --epochs 6
+  python tests/measure_demo_preset.py --steps 20          # training-step images/s only
 """
 from __future__ import annotations
 
@@ -27,13 +31,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--splits", type=Path, required=True, help="an --out folder holding splits/ (01, 02)")
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder, one run per configuration")
+    parser.add_argument("--splits", type=Path, help="an --out folder holding splits/ (01, 02)")
+    parser.add_argument("--work", type=Path, help="scratch folder, one run per configuration")
+    parser.add_argument("--steps", type=int, help="only time this many training steps per configuration")
+    parser.add_argument("--batch-size", type=int, default=32, help="with --steps (default: 32, the demo preset's)")
     parser.add_argument("--archs", default="test_resnet,resnet10t")
     parser.add_argument("--sizes", default="64,96,128")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--threads", default="2", help="OMP_NUM_THREADS of each run (default: 2, as the demo)")
     args = parser.parse_args(argv)
+    if args.steps:
+        return _time_steps(args)
+    if not (args.splits and args.work):
+        parser.error("--splits and --work are needed unless --steps is given")
     results = []
     for arch in args.archs.split(","):
         for size in [int(s) for s in args.sizes.split(",")]:
@@ -65,6 +75,38 @@ def main(argv=None):
             results.append(row)
             print(json.dumps(row), flush=True)
     print(pd.DataFrame(results).to_string(index=False))
+
+
+def _time_steps(args) -> None:
+    """Median seconds per training step, as images/s, for every (arch, size)."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import common
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    rows = []
+    for arch in args.archs.split(","):
+        for size in [int(s) for s in args.sizes.split(",")]:
+            torch.manual_seed(0)
+            model = common.create_model(arch, num_classes=1)
+            settings = common.TrainSettings(epochs=1, batch_size=args.batch_size, lr=1e-3)
+            optimizer = common._make_optimizer(model, settings, on_cuda=False)
+            images = torch.randn(args.batch_size, 1, size, size)
+            targets = (torch.rand(args.batch_size) > 0.5).float()
+            times = []
+            for step in range(args.steps + 3):  # 3 warm-up steps
+                started = time.perf_counter()
+                loss = common.binary_focal_loss(model(images).squeeze(1), targets)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if step >= 3:
+                    times.append(time.perf_counter() - started)
+            seconds = sorted(times)[len(times) // 2]
+            rows.append({"arch": arch, "size": size, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                         "s_per_step": round(seconds, 3), "img_s": round(args.batch_size / seconds, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    print(pd.DataFrame(rows).to_string(index=False))
 
 
 if __name__ == "__main__":
