@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -96,9 +97,9 @@ def test_load_init_weights_copies_matching_tensors_and_skips_a_head_of_another_s
 def test_load_init_weights_rejects_another_architecture_and_missing_files(tmp_path):
     other = common.create_model("test_convnext", num_classes=1)
     common.save_checkpoint({"arch": "test_convnext", "state_dict": other.state_dict()}, tmp_path / "best.pt")
-    with pytest.raises(common.InputError, match="same --arch"):
+    with pytest.raises(common.InputError, match="best.pt"):
         common.load_init_weights(common.create_model("test_resnet", num_classes=1), tmp_path / "best.pt")
-    with pytest.raises(common.InputError, match="not found"):
+    with pytest.raises(common.InputError, match="nope.pt"):  # the message names the file
         common.load_init_weights(common.create_model("test_resnet", num_classes=1), tmp_path / "nope.pt")
 
 
@@ -108,7 +109,8 @@ TINY = ["--image-size", "32", "--batch-size", "16", "--device", "cpu", "--bootst
         "--min-epoch-samples", "64"]
 
 
-def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(splits, tmp_path, monkeypatch):
+def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(splits, small_demo, tmp_path,
+                                                                            monkeypatch):
     out, flags = splits
     run_out = _fresh(out, tmp_path / "run")
     starts, real_fit = {}, common.fit
@@ -145,6 +147,45 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
     for row in trained.itertuples():
         mine = ablation[(ablation["arm"] == "from_pooled") & (ablation["scope"] == f"AP_group{int(row.age_group)}")]
         assert mine["auc"].iloc[0] == pytest.approx(row.test_auc, nan_ok=True)
+    # the demo's answer key splits every arm's AUC into subtle and obvious fractures
+    kinds = _load_script("subtle_vs_obvious").main(["--out", str(run_out), "--demo", str(small_demo),
+                                                    "--bootstrap", "50"])
+    assert set(kinds["arm"]) == {"pooled", "scratch", "from_pooled"}
+    assert set(kinds["kind"]) == {"subtle", "obvious", "all"}
+    every = kinds[kinds["kind"] == "all"].set_index(["arm", "scope"])
+    for kind in ("subtle", "obvious"):
+        part = kinds[kinds["kind"] == kind].set_index(["arm", "scope"])
+        assert (part["n_neg"] == every.loc[part.index, "n_neg"]).all()  # all normals, one kind of fracture
+    positives = kinds[kinds["kind"] != "all"].groupby(["arm", "scope"])["n_pos"].sum()
+    assert (positives == every.loc[positives.index, "n_pos"]).all()
+
+
+def _load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_draws_buckle_fractures_subtle_and_writes_its_answer_key(small_demo):
+    demo = _load_script("make_demo")
+    table = pd.read_csv(small_demo / "grazpedwri" / "dataset.csv", dtype=str, encoding="utf-8-sig")
+    truth = pd.read_csv(small_demo / "grazpedwri" / "demo_truth.csv", dtype={"filestem": str})
+    assert list(truth.columns) == ["filestem", "fracture_visible", "fracture_kind"]
+    assert list(table.columns) == demo.GRAZ_COLUMNS  # the published 17 columns, nothing added
+    merged = table.merge(truth, on="filestem", validate="one_to_one")
+    assert len(merged) == len(table)
+    visible = merged["fracture_visible_x"] == "1"
+    assert (merged.loc[~visible, "fracture_kind"] == "none").all()
+    subtle = merged["fracture_kind"] == "subtle"
+    assert merged.loc[subtle, "ao_classification"].str.match(r"2[23][ru]?-M/2\.").all()  # torus/buckle codes
+    assert 0.15 < subtle[visible].mean() < 0.5  # a realistic share, ~1/3 of fractures
+    task = {"ao_code": "23r-M/2.1", "study_number": 1}
+    plan = demo.plan_fractures(task, np.full(8, 0.5))["radius"]
+    assert plan["subtle"] and plan["angulation"] == 0 and plan["shift"] == (0.0, 0.0) and plan["gap_px"] <= 3
+    obvious = demo.plan_fractures({**task, "ao_code": "23r-M/3.1"}, np.full(8, 0.5))["radius"]
+    assert not obvious["subtle"] and obvious["gap_px"] >= 6 and abs(obvious["angulation"]) >= 10
 
 
 def test_small_validation_groups_take_the_pooled_threshold():
