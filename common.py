@@ -1057,17 +1057,15 @@ def _torch_modules():
 
 
 def binary_focal_loss(logits, targets, alpha: float = 0.5, gamma: float = 2.0):
-    """Focal loss (Lin et al. 2017) for one logit per image.
+    """Focal loss (Lin et al. 2017) for one logit per image, averaged: torchvision's implementation.
 
     alpha weights the positive class and 1 - alpha the negative one (a real per-class weight, not
-    a constant); gamma down-weights easy examples. With gamma = 0 this is alpha-weighted BCE.
+    a constant; alpha < 0 switches the weighting off); gamma down-weights easy examples. With
+    gamma = 0 this is alpha-weighted BCE. Computed in float32 whatever the autocast dtype.
     """
-    torch, _, F = _torch_modules()
-    targets = targets.float()
-    bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
-    p_true = torch.exp(-bce)  # probability the model gives the true class
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return (alpha_t * (1 - p_true) ** gamma * bce).mean()
+    from torchvision.ops import sigmoid_focal_loss
+    return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha if alpha >= 0 else -1,
+                              gamma=gamma, reduction="mean")
 
 
 def build_gem(p: float = 3.0, p_max: float = 6.0, eps: float = 1e-6):
@@ -1416,6 +1414,50 @@ def load_checkpoint(path: Path) -> dict:
                          "delete it and retrain") from None
 
 
+def load_init_weights(model, path: Path) -> dict:
+    """Start `model` from a checkpoint this project wrote (best.pt: `state_dict`; last.pt: `model`).
+
+    Every tensor whose name and shape match is copied; a classifier head of another size (4 age
+    groups -> 1 fracture logit) is skipped and reported in one line. Fewer than half the model's
+    tensors matching means another architecture: an error, not a silent near-random start.
+    Returns the checkpoint dict.
+    """
+    import torch
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    weights = checkpoint.get("state_dict", checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise InputError(f"{path}: no `state_dict` or `model` weights in this checkpoint; give a "
+                         "best.pt or last.pt written by 03/04/05")
+    own = model.state_dict()
+    matched = {k: v for k, v in weights.items()
+               if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
+    if not matched or len(matched) < len(own) / 2:
+        raise InputError(f"{path}: only {len(matched)} of {len(own)} weights match this model's names "
+                         f"and shapes (checkpoint arch {checkpoint.get('arch', '?')}); give a checkpoint "
+                         "of the same --arch")
+    model.load_state_dict(matched, strict=False)
+    skipped = sorted(k for k in own if k not in matched)
+    log(f"initialised {len(matched)}/{len(own)} weights from {path}"
+        + (f"; kept {len(skipped)} new ({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})"
+           if skipped else ""))
+    return checkpoint
+
+
+def weights_fingerprint(state_dict: dict) -> str:
+    """A short hash of a state_dict's tensors (names, shapes, values): recorded in a fine-tuned
+    model's checkpoint so that it resumes only from the same starting weights."""
+    import hashlib
+
+    import torch
+    digest = hashlib.sha1()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_trained_model(path: Path, device="cpu"):
     """Rebuild a model saved by 03/04/05 from its best.pt and return (model in eval mode, checkpoint).
 
@@ -1746,13 +1788,25 @@ def split_fingerprint(frames: dict[str, pd.DataFrame], key: str) -> dict[str, st
 
 
 def _make_optimizer(model, settings: TrainSettings, on_cuda: bool):
-    """AdamW; no weight decay on biases, norms and GeM's exponent (1-D parameters)."""
+    """AdamW; timm's parameter groups keep weight decay off biases, norms, 1-D parameters (GeM's
+    exponent) and whatever a timm model lists in no_weight_decay() (Swin's relative-position bias
+    tables, position embeddings): decaying those pulls them towards zero for no regularising gain."""
     import torch
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    from timm.optim import param_groups_weight_decay
+    groups = param_groups_weight_decay(model, settings.weight_decay,
+                                       no_weight_decay_list=no_weight_decay_names(model))
     return torch.optim.AdamW(groups, lr=settings.lr, fused=on_cuda)
+
+
+def no_weight_decay_names(model) -> set[str]:
+    """Full parameter names every submodule lists in its timm-style no_weight_decay(), so a timm
+    backbone wrapped in our own module (the bone-age model) keeps its exclusions."""
+    names = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{name}" if prefix else name for name in listed()}
+    return names
 
 
 def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
@@ -1856,6 +1910,38 @@ def _write_sample_audit(run_dir: Path, epoch: int, drawn: list, info: DistInfo, 
 
 def _primitives(values: dict) -> dict:
     return json.loads(json.dumps(values, default=_json_default))
+
+
+# Fewer validation positives (or negatives) than this and a model's own threshold is noise: the
+# Youden optimum on 3 fractures jumps with every image.
+MIN_THRESHOLD_CLASS = 5
+
+
+def small_group_threshold(val_labels, fallback: float | None, fallback_name: str) -> tuple[float | None, str]:
+    """(threshold, where it comes from): None = choose on this model's own validation set; a
+    validation set with < MIN_THRESHOLD_CLASS of a class borrows `fallback` (e.g. the pooled
+    model's threshold) and says so; without a fallback its own threshold is marked UNRELIABLE."""
+    positives = int(np.sum(val_labels))
+    negatives = len(val_labels) - positives
+    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
+        return None, "val Youden"
+    counts = f"val has {positives} positive / {negatives} negative images, < {MIN_THRESHOLD_CLASS} of one class"
+    if fallback is None or not np.isfinite(fallback):
+        return None, f"val Youden, UNRELIABLE: {counts} and no model to borrow a threshold from"
+    return float(fallback), f"{fallback_name} ({counts})"
+
+
+def degenerate_warning(val_probs, metrics: dict) -> str:
+    """Say out loud when a binary model answers one class for everything (every validation image
+    on one side of its threshold, or test sensitivity and specificity at opposite extremes)."""
+    problems = []
+    called = np.asarray(val_probs) >= metrics["threshold"]
+    if called.all() or not called.any():
+        problems.append(f"calls every validation image {'positive' if called.all() else 'negative'}")
+    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
+    if {sensitivity, specificity} == {0.0, 1.0}:
+        problems.append(f"test sensitivity {sensitivity:.2f} with specificity {specificity:.2f}")
+    return "degenerate model: " + "; ".join(problems) if problems else ""
 
 
 # ------------------------------------------------------------------------------------------------

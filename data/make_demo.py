@@ -24,10 +24,22 @@ rotated, exposed and noised per image):
                6 y) epiphyses appear and widen; the dark growth-plate band (~8 px) narrows from
                14 y and is closed by ~16.5 y; carpals ossify one by one (none at birth, all eight
                by ~12 y). Girls mature ~8% earlier.
-  fracture     fracture_visible rows: a dark gap (6-11 px) across the distal radius, or ulna, or
-               both, at the level the AO code names (epiphysis, metaphysis, diaphysis), with
-               displacement and angulation of the distal fragment, a buckled cortex and soft-tissue
-               swelling; fixed per patient and healing over follow-ups. Other rows: intact cortex.
+  fracture     fracture_visible rows: a break across the distal radius, or ulna, or both, at the
+               level the AO code names (epiphysis, metaphysis, diaphysis); fixed per patient.
+               Obvious (complete fractures, e.g. 23r-M/3.1): a dark gap (6-11 px) with displacement
+               and angulation of the distal fragment, a buckled cortex and soft-tissue swelling,
+               healing over follow-ups.
+               Subtle (the torus/buckle codes, child code M/2 in the AO pediatric classification:
+               ~36% of fractured images, the real file's share of first codes 23r-M/2.1, 23-M/2.1,
+               23r-M/2.1; 23u-E/7): no displacement or angulation, only a small cortical buckle
+               (bulges ~2-3 px across on both cortices, 60%) or a hairline break (a faint 1.5-3 px
+               line, 40%), with mild swelling. Real pediatric wrist fractures are like this: 58% of
+               metaphyseal fractures in children are incomplete (AO PCCF validation, Joeris et al.
+               2017), and a 64 px input cannot resolve a 2 px line in a 360 px film.
+               Other rows: intact cortex.
+  truth        grazpedwri/demo_truth.csv (not part of the published layout; the pipeline never
+               reads it): filestem, fracture_visible, fracture_kind = none | subtle | obvious, so
+               an evaluation can report subtle and obvious fractures separately.
   cast, metal  a faint broad plaster shell; a bright plate with screws or crossed K-wires.
   laterality   R images are the mirror image of L.
   bone age     hand maturity (size, epiphyses and their fusion, carpal count) is a smooth function
@@ -58,11 +70,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-DEMO_VERSION = 2  # bump when the drawing or the metadata model changes: stale demo folders regenerate
+DEMO_VERSION = 3  # bump when the drawing or the metadata model changes: stale demo folders regenerate
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAMP_NAME = ".demo_stamp.json"
 WRIST_DIR, BONEAGE_DIR = "grazpedwri", "rsna_boneage"
 WRIST_CSV = "dataset.csv"
+TRUTH_CSV = "demo_truth.csv"  # the demo's own answer key, beside the published files
 BONEAGE_CSV = "boneage-training-dataset.csv"
 BONEAGE_IMAGES = "boneage-training-dataset"
 IMAGE_PARTS = 4
@@ -118,6 +131,8 @@ REAL_AO_CODES = {
     "22r-D/2.1; 23u-M/2.1": 68, "23r-M/3.1; 23u-E/2.1": 54, "72B(b)": 42, "23u-E/7": 40,
     "23u-M/2.1": 38, "72B(c)": 38, "23r-M/3.1; 23u-E/1": 34, "22-D/4.1": 31, "22u-D/2.1": 25,
 }
+# Torus/buckle fractures (AO pediatric child code M/2) are drawn subtle; see the docstring.
+SUBTLE_AO_PATTERN = re.compile(r"^2[23][ru]?-M/2\.")
 AGFA_SHARE = 0.0055  # 112 of 20,327 images come from an Agfa device, with pixel spacing 0.143
 MIN_AGE_YEAR_SHARE = 0.02  # see sample_age()
 
@@ -181,13 +196,15 @@ def main(argv=None):
 
     # CSVs last and atomically: an interrupted run never leaves a CSV naming missing images.
     write_csv_atomic(wrist_table[GRAZ_COLUMNS], wrist_csv, encoding="utf-8-sig", lineterminator="\r\n")
+    write_csv_atomic(truth_table(wrist_table), out / WRIST_DIR / TRUTH_CSV, encoding="utf-8", lineterminator="\n")
     write_csv_atomic(boneage_table[["id", "boneage", "male"]], boneage_csv, encoding="utf-8", lineterminator="\n")
     write_json_atomic(out / STAMP_NAME, {**settings, "complete": True})
 
     seconds = time.time() - started
     print(f"demo data written to {out}: GRAZPEDWRI-DX {len(wrist_table)} images of "
           f"{wrist_table.patient_id.nunique()} patients "
-          f"({(wrist_table.fracture_visible == '1').mean():.1%} fracture_visible), "
+          f"({(wrist_table.fracture_visible == '1').mean():.1%} fracture_visible, "
+          f"{truth_table(wrist_table).fracture_kind.eq('subtle').mean():.1%} subtle), "
           f"RSNA bone age {len(boneage_table)} images, {seconds:.1f} s with {args.workers} worker(s)")
     return {"out": str(out), "skipped": False, "wrist_images": len(wrist_table),
             "boneage_images": len(boneage_table), "seconds": seconds}
@@ -357,6 +374,21 @@ def build_boneage_table(n_images, rng):
     # Real ids run from 1377 upwards, mostly consecutive with small gaps.
     ids = REAL_FIRST_ID + np.concatenate([[0], np.cumsum(rng.choice([1, 2, 3], size=n_images - 1, p=[0.9, 0.09, 0.01]))])
     return pd.DataFrame({"id": ids, "boneage": boneage, "male": np.where(male, "True", "False")})
+
+
+def is_subtle(ao_code):
+    """A torus/buckle fracture by its first AO code: drawn without gap or displacement."""
+    first = re.split(r"[;,]", ao_code or "")[0].strip()
+    return bool(SUBTLE_AO_PATTERN.match(first))
+
+
+def truth_table(table):
+    """The demo's answer key per image: no fracture, a subtle one, or an obvious one."""
+    visible = table.fracture_visible == "1"
+    subtle = table.ao_classification.map(is_subtle)
+    kind = np.where(~visible, "none", np.where(subtle, "subtle", "obvious"))
+    return pd.DataFrame({"filestem": table.filestem, "fracture_visible": visible.astype(int),
+                         "fracture_kind": kind})
 
 
 # ------------------------------------------------------------------ drawing tasks
@@ -663,8 +695,9 @@ def draw_wrist(task):
     bones *= density
     if fractures:  # soft-tissue swelling around a fresh fracture, a real radiological sign
         swelling, half_w = (0.0, min(plan["level"] for plan in fractures.values())), view["forearm_soft"][2][1] + 5
+        mild = 0.4 if any(plan["subtle"] for plan in fractures.values()) else 1.0
         paint(soft, frame, blob_extent(swelling, half_w, 40), 0,
-              blob(swelling, half_w, 40, depth=9.0 * max(0.3, 1.2 - 0.3 * task["study_number"])), combine="add")
+              blob(swelling, half_w, 40, depth=mild * 9.0 * max(0.3, 1.2 - 0.3 * task["study_number"])), combine="add")
     extra = frame.zeros()
     if task["cast"]:
         draw_cast(extra, frame, view, rng)
@@ -697,16 +730,22 @@ def plan_fractures(task, draws):
     bone, segment = (match.group(2), match.group(3)) if match else ("r", "M")  # e.g. 72B(b): treat as radius
     bones = {"r": ["radius"], "u": ["ulna"], "": ["radius", "ulna"]}[bone]
     healing = max(0.55, 1.0 - 0.15 * (task["study_number"] - 1))
+    subtle = is_subtle(task["ao_code"])
     plans = {}
     for i, name in enumerate(bones):
         level = {"E": -8 - 6 * draws[0], "M": -18 - 40 * draws[0], "D": -70 - 60 * draws[0]}[segment]
+        if subtle:  # torus/buckle: the cortex bulges or cracks in place, nothing moves
+            plans[name] = {"level": level - 6 * i, "line_angle": (draws[1] - 0.5) * 50, "subtle": True,
+                           "buckle": draws[3] < 0.6, "gap_px": 1.5 + 1.5 * draws[2], "angulation": 0.0,
+                           "shift": (0.0, 0.0), "phase": draws[7] * 6.283}
+            continue
         plans[name] = {
             "level": level - 6 * i,                                  # both-bone fractures: ulna a bit lower
             "line_angle": (draws[1] - 0.5) * 50,                      # obliquity of the fracture line
             "gap_px": (6.0 + 5.0 * draws[2]) * healing,               # several source pixels wide
             "angulation": (10 + 12 * draws[3]) * (1 if draws[4] < 0.7 else -1) * healing,
             "shift": ((3 + 5 * draws[5]) * (1 if draws[6] < 0.5 else -1) * healing, -2 - 3 * draws[6]),
-            "phase": draws[7] * 6.283,
+            "phase": draws[7] * 6.283, "subtle": False, "buckle": False,
         }
     return plans
 
@@ -760,7 +799,16 @@ def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
         center = end + axis * (height / 2) + normal * (0.0 if name == "radius" else 1.0)
         paint(bone, frame, blob_extent(center, r_end * 1.05, height), 0,
               blob(center, r_end * 1.05 * size, height / 2, tilt, squareness=4, depth=0.55 * r_end * size), motion=motion)
-    if fracture:
+    if fracture and fracture["subtle"]:
+        if fracture["buckle"]:  # a bulge a few pixels across on each cortex, no break line
+            for side in (-1, 1):
+                bump = break_point + normal * side * r_break
+                half_w, half_h = 1.2 / frame.k, 1.6 / frame.k
+                paint(bone, frame, blob_extent(bump, half_w + 1, half_h + 1), 0,
+                      blob(bump, half_w, half_h, depth=3.0), combine="add")
+        else:  # a hairline: a thin, faint line; the bone is cracked, not separated
+            cut_fracture_gap(bone, frame, break_point, axis, max(r_flare, r_end) + 4, fracture, residual=0.45)
+    elif fracture:
         cut_fracture_gap(bone, frame, break_point, axis, max(r_flare, r_end) + 4, fracture)
         for side in (-1, 1):  # the cortex buckles next to the break, as in a torus fracture
             bump = break_point - axis * (fracture["gap_px"] / frame.k) + normal * side * r_break
@@ -768,8 +816,9 @@ def draw_forearm_bone(layer, frame, geometry, name, maturity, cortex, fracture):
     layer += bone
 
 
-def cut_fracture_gap(bone, frame, point, axis, reach, fracture):
-    """A dark, slightly wavy band across the bone where the cortex is broken."""
+def cut_fracture_gap(bone, frame, point, axis, reach, fracture, residual=0.12):
+    """A dark, slightly wavy band across the bone where the cortex is broken (`residual`: the
+    share of bone left in the band; a hairline crack keeps more than a separated fracture)."""
     angle = math.radians(fracture["line_angle"])
     across = np.array([axis[0] * math.cos(angle) + axis[1] * math.sin(angle),
                        -axis[0] * math.sin(angle) + axis[1] * math.cos(angle)])  # the line's normal
@@ -782,7 +831,7 @@ def cut_fracture_gap(bone, frame, point, axis, reach, fracture):
     along_line = dx * tangent[0] + dy * tangent[1]
     offset = dx * across[0] + dy * across[1] + 1.5 * np.sin(along_line * 0.35 + fracture["phase"])
     inside = np.clip((np.abs(offset) - half_gap) / 1.2 + 0.5, 0, 1)  # soft edge over ~1 unit
-    bone[window] *= (0.12 + 0.88 * inside).astype(np.float32)
+    bone[window] *= (residual + (1 - residual) * inside).astype(np.float32)
 
 
 def draw_carpals(layer, frame, view, maturity):
