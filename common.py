@@ -584,39 +584,135 @@ def read_raw_image(path: Path) -> np.ndarray:
 
 
 def _read_dicom_pixels(path: Path) -> np.ndarray:
+    """DICOM pixels in display orientation; padding pixels (PixelPaddingValue) become NaN.
+
+    NaN marks "no image here": scale_to_unit leaves them out of the percentiles and paints them
+    black, the letterbox's own background, so a padded border never sets the contrast of the bone.
+    """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     try:
         dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array
-    except Exception as error:  # pydicom raises many types for corrupt or unsupported files
+    except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a corrupt header
+        raise ImageReadError(f"{path}: not a readable DICOM file ({type(error).__name__}: {error})") from None
+    if "PixelData" not in dataset:
+        raise ImageReadError(f"{path}: DICOM without pixel data (a report or plan, not an image); "
+                             "leave it out of the input")
+    frames = _dicom_int(dataset, "NumberOfFrames", 1)
+    if frames > 1:
+        # A radiograph is one frame; guessing which frame of a cine or stack is "the" view would
+        # feed the model an image nobody chose.
+        raise ImageReadError(f"{path}: multi-frame DICOM ({frames} frames); a radiograph has one "
+                             "frame: export each view as its own single-frame file")
+    try:
+        stored = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001 -- decoders raise many types
         raise ImageReadError(f"{path}: cannot decode the DICOM pixels ({type(error).__name__}: "
-                             f"{error}); compressed transfer syntaxes need pylibjpeg or "
-                             "python-gdcm installed") from None
-    if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if pixels.ndim == 3:  # RGB secondary capture
-        pixels = pixels.mean(axis=-1)
+                             f"{' '.join(str(error).split())[:300]}); {_decoder_hint(dataset)}") from None
+    padding = _padding_mask(stored, dataset)
+    pixels = stored.mean(axis=-1) if stored.ndim == 3 else stored  # RGB secondary capture
     pixels = apply_modality_lut(pixels, dataset).astype(np.float32)
     if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
         pixels = apply_voi_lut(pixels, dataset, index=0).astype(np.float32)
-    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    # MONOCHROME1 shows low values bright. PresentationLUTShape INVERSE asks for the same flip;
+    # DX objects set INVERSE together with MONOCHROME1 for one and the same inversion, so the two
+    # are one condition (OR), never two flips.
+    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
+    if photometric == "MONOCHROME1" or str(dataset.get("PresentationLUTShape", "")).upper() == "INVERSE":
         pixels = pixels.max() + pixels.min() - pixels
+    if padding is not None:
+        if padding.all():
+            raise ImageReadError(f"{path}: every pixel equals PixelPaddingValue; no image to read")
+        pixels[padding] = np.nan
     return pixels
 
 
-def read_dicom_tags(path: Path) -> dict:
-    """The few non-identifying tags a hospital run may use: view, age in years, sex.
+def _dicom_int(dataset, keyword: str, default: int) -> int:
+    try:
+        return int(dataset.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
 
+
+def _padding_mask(stored: np.ndarray, dataset) -> np.ndarray | None:
+    """True where the stored value is PixelPaddingValue (or within PixelPaddingRangeLimit)."""
+    if "PixelPaddingValue" not in dataset or stored.ndim != 2:
+        return None
+    first = int(dataset.PixelPaddingValue)
+    last = int(dataset.get("PixelPaddingRangeLimit", first))
+    low, high = min(first, last), max(first, last)
+    return (stored >= low) & (stored <= high)
+
+
+def _decoder_hint(dataset) -> str:
+    """What to do about an undecodable file: install a decoder, or re-export a corrupt one."""
+    from pydicom.pixels import get_decoder
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is None:
+        return "the file has no transfer syntax; re-export it from the PACS"
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:
+        return f"no decoder exists for {syntax.name}; re-export it uncompressed or as JPEG Lossless"
+    if not available:
+        return (f"no decoder installed for {syntax.name}: pip install -r requirements.txt "
+                "(the pylibjpeg plugins)")
+    return f"the {syntax.name} data looks corrupt or truncated; re-export the image from the PACS"
+
+
+# DICOM's DX view codes (CID 4010) for the two modelled projections. pydicom's Code compares
+# SNOMED CT codes with their legacy SRT forms (R-10206 == 399348003), so both spellings match.
+def _view_codes() -> dict[str, list]:
+    from pydicom.sr.codedict import codes
+    return {"AP": [codes.SCT.AnteroPosterior, codes.SCT.PosteroAnterior, codes.SCT.Frontal],
+            "Lat": [codes.SCT.LateralProjection, codes.SCT.RightLateral, codes.SCT.LeftLateral,
+                    codes.SCT.LateralMedial, codes.SCT.MedioLateralProjection]}
+
+
+DICOM_VIEW_POSITIONS = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}
+
+
+def read_dicom_tags(path: Path, study_salt: bytes = b"") -> dict:
+    """The few non-identifying values a hospital run may use: view, age, sex, laterality, study.
+
+    projection   'AP'/'Lat' from ViewPosition, else the ViewCodeSequence; 'other' for a view given
+                 but not modelled (oblique, ...); None when the file gives none
+    view_source  'ViewPosition' or 'ViewCodeSequence'
+    age (years), sex ('M'/'F'), laterality ('L'/'R' from ImageLaterality, else Laterality)
+    study_key    a keyed one-way hash of StudyInstanceUID (see study_key); never the UID itself
     Names, IDs and birth dates are never read into anything the pipeline writes.
     """
     import pydicom
+    from pydicom.sr.coding import Code
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    view = str(getattr(dataset, "ViewPosition", "") or "").upper()
-    projection = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}.get(view)
-    age = _dicom_age_years(str(getattr(dataset, "PatientAge", "") or ""))
-    sex = str(getattr(dataset, "PatientSex", "") or "").upper()
-    return {"projection": projection, "age": age, "sex": sex if sex in ("M", "F") else None}
+    view = str(dataset.get("ViewPosition", "") or "").strip().upper()
+    projection, source = DICOM_VIEW_POSITIONS.get(view, "other" if view else None), "ViewPosition"
+    if projection is None and dataset.get("ViewCodeSequence"):
+        item = dataset.ViewCodeSequence[0]
+        code = Code(str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", "")),
+                    str(item.get("CodeMeaning", "")))
+        source = "ViewCodeSequence"
+        projection = next((name for name, known in _view_codes().items() if code in known), "other")
+    laterality = str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or "").upper()
+    sex = str(dataset.get("PatientSex", "") or "").upper()
+    uid = str(dataset.get("StudyInstanceUID", "") or "")
+    return {"projection": projection, "view_source": source if projection else None,
+            "age": _dicom_age_years(str(dataset.get("PatientAge", "") or "")),
+            "sex": sex if sex in ("M", "F") else None,
+            "laterality": laterality if laterality in ("L", "R") else None,
+            "study_key": study_key(uid, study_salt) if uid else None}
+
+
+def study_key(uid: str, salt: bytes) -> str:
+    """'S' + 16 hex digits of HMAC-SHA256(salt, StudyInstanceUID).
+
+    A plain hash is not enough: UIDs are an organisation root plus a timestamp and a counter, few
+    enough guesses to brute-force. Keyed with a random salt that is made per run and never
+    written, the key groups the images of one run and cannot be traced back to the study.
+    """
+    import hashlib
+    import hmac
+    return "S" + hmac.new(salt, uid.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _dicom_age_years(text: str) -> float | None:
@@ -633,10 +729,14 @@ def scale_to_unit(raw: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5)
     Percentiles rather than min/max: one hot pixel or a burned-in label must not flatten the
     contrast of the bone. A constant image maps to zeros instead of dividing by zero.
     """
-    low, high = np.percentile(raw, [low_pct, high_pct])
+    padded = np.isnan(raw)  # DICOM pixel padding (_read_dicom_pixels): no part of the image
+    if padded.any():
+        low, high = np.percentile(raw[~padded], [low_pct, high_pct])
+    else:
+        low, high = np.percentile(raw, [low_pct, high_pct])
     if high <= low:
         return np.zeros_like(raw, dtype=np.float32)
-    return np.clip((raw - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return np.nan_to_num(np.clip((raw - low) / (high - low), 0.0, 1.0), nan=0.0).astype(np.float32)
 
 
 @dataclass
