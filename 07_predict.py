@@ -43,7 +43,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -90,8 +89,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    gradcam = importlib.import_module("06_gradcam")  # shared model lookup and Grad-CAM++ drawing
-    fracture_models = gradcam.fracture_models(args.models / "fracture")
+    fracture_models = common.fracture_models(args.models / "fracture")
     if not fracture_models:
         raise common.InputError(f"{args.models / 'fracture'}: no trained fracture model (best.pt); pass "
                                 "--models with the outputs folder of 04_train_fracture_ddp.py, or run it first")
@@ -107,7 +105,7 @@ def main(argv=None):
     common.log(f"07: {len(images)} input images; models from {args.models}")
     resolve_metadata(images, args)
     assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
-    predict_fractures(images, fracture_models, edges, args, device, out_dir, gradcam if args.cam else None)
+    predict_fractures(images, fracture_models, edges, args, device, out_dir)
     if args.boneage:
         predict_bone_age(images, boneage_path, args, device)
 
@@ -310,9 +308,9 @@ def _infer(model, squares: np.ndarray, device, *extra):
 
 
 def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
-                      gradcam=None) -> None:
-    """Run each (projection, age group) model on its images; with `gradcam` (06's module) also
-    write Grad-CAM++ overlays."""
+                      ) -> None:
+    """Run each (projection, age group) model on its images; with --cam also write Grad-CAM++
+    overlays (common's, as 06 draws them)."""
     import torch
     for column in ("fracture_prob", "fracture_pred", "threshold", "model", "cam_path"):
         images[column] = None
@@ -336,13 +334,13 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
             images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)
             images.loc[indices, "threshold"] = threshold
             images.loc[indices, "model"] = relative
-            if gradcam is not None:
-                cams, _ = gradcam.grad_cam_plus_plus(model, squares, device)
+            if args.cam:
+                cams, _ = common.grad_cam_plus_plus(model, squares, device)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
                     name = f"{index:05d}_{images.at[index, 'path'].stem}_p{prob:.2f}.png"
-                    overlay = gradcam.render_overlay(images.at[index, "path"], cam, box,
-                                                     gradcam.caption(float(prob), threshold))
-                    gradcam.write_png(overlay, out_dir / "gradcam" / name)
+                    overlay = common.render_overlay(images.at[index, "path"], cam, box,
+                                                     common.caption(float(prob), threshold))
+                    common.write_png(overlay, out_dir / "gradcam" / name)
                     images.at[index, "cam_path"] = f"gradcam/{name}"
         del model
 
