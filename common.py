@@ -279,7 +279,8 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
                         ao_pattern: str | None = None, age_range: tuple[float, float] | None = None,
                         image_index: dict[str, Path] | None = None,
                         ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Read GRAZPEDWRI-DX `dataset.csv` unchanged and apply the study's filters.
+    """Read GRAZPEDWRI-DX `dataset.csv` unchanged (or a hospital table: `root` is a .csv file, see
+    read_hospital_table) and apply the study's filters.
 
     Returns the kept rows (all 17 original columns plus image_path, label, projection_name) and the
     number of rows excluded for each reason, in the order the filters ran. Counts add up:
@@ -289,6 +290,13 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
     code, after splitting on ';' or ',', matches the regular expression.
     """
     root = Path(root)
+    if is_hospital_table(root):
+        frame, hospital_index = read_hospital_table(root)
+        if ao_pattern and not frame["ao_classification"].astype(bool).any():
+            raise InputError(f"{root}: --ao-filter needs an ao_classification column; add one or drop the filter")
+        return _filter_wrist_rows(frame, root, image_index or hospital_index, projections=projections,
+                                  exclude_metal=exclude_metal, exclude_cast=exclude_cast,
+                                  ao_pattern=ao_pattern, age_range=age_range)
     csv_path = root / "dataset.csv"
     if not root.is_dir():
         raise InputError(f"{root}: data folder not found; pass --data with the GRAZPEDWRI-DX "
@@ -312,6 +320,19 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
             frame[flag] = pd.to_numeric(frame[flag], errors="coerce").fillna(0).astype(int)
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
     frame["projection"] = pd.to_numeric(frame["projection"], errors="coerce")
+    index = image_index if image_index is not None else index_images(root)
+    if not index:
+        raise InputError(f"{root}: no images (.png/.jpg/.dcm) found anywhere under the data "
+                         "folder; unpack images_part1..4 (or images/) inside it")
+    return _filter_wrist_rows(frame, csv_path, index, projections=projections, exclude_metal=exclude_metal,
+                              exclude_cast=exclude_cast, ao_pattern=ao_pattern, age_range=age_range)
+
+
+def _filter_wrist_rows(frame: pd.DataFrame, csv_path: Path, index: dict[str, Path], *,
+                       projections: Sequence[str], exclude_metal: bool, exclude_cast: bool,
+                       ao_pattern: str | None, age_range: tuple[float, float] | None,
+                       ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """read_wrist_metadata's filters and image lookup, shared by dataset.csv and hospital tables."""
     frame["ao_classification"] = frame["ao_classification"].fillna("")
     total = len(frame)
 
@@ -339,10 +360,6 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
         excluded[reason] = int(hit.sum())
         keep &= ~hit
 
-    index = image_index if image_index is not None else index_images(root)
-    if not index:
-        raise InputError(f"{root}: no images (.png/.jpg/.dcm) found anywhere under the data "
-                         "folder; unpack images_part1..4 (or images/) inside it")
     paths = frame["filestem"].map(index)
     hit = keep & paths.isna()
     excluded["image not found"] = int(hit.sum())
@@ -352,7 +369,8 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
     kept["image_path"] = paths[keep].map(str)
     kept["label"] = (kept["fracture_visible"] == 1).astype(int)
     kept["projection_name"] = kept["projection"].map({v: k for k, v in PROJECTIONS.items()})
-    kept["patient_id"] = kept["patient_id"].astype(int)
+    if not is_hospital_table(csv_path):  # a hospital's patient IDs may be pseudonyms, not numbers
+        kept["patient_id"] = kept["patient_id"].astype(int)
     assert len(kept) + sum(excluded.values()) == total
     if len(kept) == 0:
         raise InputError(f"{csv_path}: no rows left after filtering ({format_exclusions(excluded, total)}); "
@@ -369,6 +387,103 @@ def format_exclusions(excluded: dict[str, int], total: int) -> str:
     """One line: 'of 20327 rows: 93 oblique projection, 708 metal implant, ...'."""
     parts = [f"{n} {reason}" for reason, n in excluded.items() if n]
     return f"of {total} rows excluded: " + (", ".join(parts) if parts else "none")
+
+
+# A hospital's own table: one row per image, paths instead of GRAZPEDWRI-DX's file stems.
+HOSPITAL_REQUIRED = ["image_path", "patient_id", "study_id", "age", "sex", "projection", "fracture"]
+HOSPITAL_OPTIONAL = ["laterality", "cast", "metal", "ao_classification", "boneage"]
+PROJECTION_NAMES = {"ap": "AP", "pa": "AP", "frontal": "AP", "1": "AP",
+                    "lat": "Lat", "lateral": "Lat", "ll": "Lat", "rl": "Lat", "2": "Lat"}
+SEX_NAMES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+def is_hospital_table(path: Path) -> bool:
+    """--data given as a CSV file is a hospital table; a folder is GRAZPEDWRI-DX's layout."""
+    return Path(path).suffix.lower() == ".csv"
+
+
+def read_table_csv(csv_path: Path) -> pd.DataFrame:
+    """Any user CSV as strings, header names stripped and lower-cased, byte-order mark dropped."""
+    try:
+        table = pd.read_csv(csv_path, dtype=str, encoding="utf-8-sig", keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{csv_path}: file not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{csv_path}: not a readable CSV ({error}); export it again as "
+                         "comma-separated UTF-8") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    return table.apply(lambda column: column.str.strip())
+
+
+def resolve_table_path(csv_path: Path, given: str) -> Path:
+    """An image path of a table: absolute, or relative to the table's own folder (not the cwd)."""
+    path = Path(given)
+    return path if path.is_absolute() else Path(csv_path).resolve().parent / path
+
+
+def read_hospital_table(csv_path: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """A hospital table as GRAZPEDWRI-DX's columns, so 01-06 and their checks run on it unchanged.
+
+    Columns: image_path, patient_id, study_id, age (years), sex (M/F), projection (AP/Lat),
+    fracture (0/1); optional laterality (L/R), cast, metal (0/1), ao_classification. Returns the
+    frame in dataset.csv's layout (plus study_id and sex) and {filestem: image path} of the files
+    that exist. The filestem is the image path made file-name safe: 04's predictions and 06's
+    overlays are keyed and named by it. Values the reader cannot use become NaN and are counted by
+    read_wrist_metadata's filters (age missing, projection not selected, ...), never guessed.
+    """
+    table = read_table_csv(csv_path)
+    missing = [c for c in HOSPITAL_REQUIRED if c not in table.columns]
+    if missing:
+        raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; a hospital table needs "
+                         f"{', '.join(HOSPITAL_REQUIRED)} (optional: {', '.join(HOSPITAL_OPTIONAL)})")
+    if table.empty:
+        raise InputError(f"{csv_path}: no rows; one row per image is needed")
+    fracture = table["fracture"].map({"0": 0, "1": 1, "0.0": 0, "1.0": 1})
+    if fracture.isna().any():
+        row = int(np.flatnonzero(fracture.isna())[0])
+        raise InputError(f"{csv_path}: fracture {table['fracture'].iloc[row]!r} on data row {row + 1}; "
+                         "the label must be 0 or 1 on every row")
+    stems = table["image_path"].map(_filestem_of_path)
+    if stems.duplicated().any():
+        raise InputError(f"{csv_path}: image {table['image_path'][stems.duplicated()].iloc[0]!r} is "
+                         "listed twice; one row per image")
+    projection = table["projection"].str.lower().map(PROJECTION_NAMES).map(PROJECTIONS)
+    projection[table["projection"].str.lower().isin(["oblique", "obl", "3"])] = 3  # counted as oblique
+    frame = pd.DataFrame({
+        "filestem": stems, "patient_id": table["patient_id"], "study_number": table["study_id"],
+        "study_id": table["study_id"], "timehash": 0,
+        "gender": table["sex"].str.lower().map(SEX_NAMES).fillna("O"),
+        "age": pd.to_numeric(table["age"], errors="coerce"),
+        "laterality": table.get("laterality", pd.Series("", index=table.index)).str.upper(),
+        # An unknown projection text is code 0, which the projection filter counts and drops.
+        "projection": projection.fillna(0).astype(int),
+        "initial_exam": 0, "ao_classification": table.get("ao_classification", ""),
+        "cast": _flag_column(table, "cast", csv_path), "diagnosis_uncertain": 0, "osteopenia": 0,
+        "fracture_visible": fracture.astype(int), "metal": _flag_column(table, "metal", csv_path),
+        "pixel_spacing": np.nan, "device_manufacturer": ""})
+    frame["sex"] = frame["gender"]
+    if frame["patient_id"].eq("").any() or frame["study_id"].eq("").any():
+        raise InputError(f"{csv_path}: empty patient_id or study_id; every image needs both (splits "
+                         "keep a patient's images together, studies are scored as a whole)")
+    paths = table["image_path"].map(lambda given: resolve_table_path(csv_path, given))
+    index = {stem: path for stem, path in zip(stems, paths) if path.is_file()}
+    return frame, index
+
+
+def _filestem_of_path(given: str) -> str:
+    """'ward3/2024/IM0001.dcm' -> 'ward3__2024__IM0001': unique per path and safe as a file name."""
+    without_suffix = re.sub(r"\.(png|jpe?g|dcm|dicom)$", "", given.strip().strip("/"), flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", without_suffix.replace("/", "__").replace("\\", "__"))
+
+
+def _flag_column(table: pd.DataFrame, name: str, csv_path: Path) -> pd.Series:
+    """An optional 0/1 column (empty = 0); any other value is an error, not a silent 0."""
+    if name not in table.columns:
+        return pd.Series(0, index=table.index)
+    values = table[name].replace("", "0").map({"0": 0, "1": 1, "0.0": 0, "1.0": 1})
+    if values.isna().any():
+        raise InputError(f"{csv_path}: {name} {table[name][values.isna()].iloc[0]!r}; write 0, 1 or leave it empty")
+    return values.astype(int)
 
 
 # RSNA bone age: three published CSV variants, mapped to id / boneage / male.
