@@ -143,6 +143,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
     common.seed_everything(args.seed)
     model = common.create_model(args.arch, num_classes=1, pretrained=args.pretrained,
                                 image_size=args.image_size)
+    if args.init_from:
+        common.load_init_weights(model, args.init_from)
     prevalence = float(parts["train"]["label"].mean())
     alpha = 0.5 if args.sampler == "balanced" else 1.0 - prevalence
     settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -153,7 +155,7 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, out_di
             "image_size": args.image_size, "projection": projection, "age_group": group,
             "age_edges": list(edges), "route": args.route, "loss": args.loss,
             "sampler": args.sampler, "focal_alpha": alpha, "focal_gamma": args.gamma,
-            "pretrained": args.pretrained, "settings": settings.identity(),
+            "pretrained": args.pretrained, "init_from": args.init_from, "settings": settings.identity(),
             "splits": common.split_fingerprint(parts, "filestem")}
 
     def loss_fn(logits, batch):

@@ -121,6 +121,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--workers", type=int, help="loader processes per rank (default: 0 on CPU, "
                                                    "where the cache makes loading nearly free; 4 on GPU)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow to start)")
+    group.add_argument("--init-from", metavar="PATH", help="start from the best.pt/last.pt of an earlier run "
+                                                           "of this stage (fine-tuning; a head of another "
+                                                           "size starts fresh) (default: none)")
     return parser
 
 
@@ -1306,6 +1309,11 @@ def check_training_args(args: argparse.Namespace) -> None:
     check_architecture(args.arch)
     resolve_device(args.device)
     _check_weights_file(args.pretrained, args.arch)
+    if getattr(args, "init_from", None):
+        trained_as = load_checkpoint(Path(args.init_from)).get("arch")  # readable, weights_only
+        if trained_as and trained_as != args.arch:
+            raise InputError(f"--init-from {args.init_from}: trained as {trained_as}, this run builds "
+                             f"{args.arch}; pass --arch {trained_as}")
 
 
 def _check_weights_file(pretrained: str | None, arch: str) -> None:
@@ -1638,6 +1646,34 @@ def load_trained_model(path: Path, device="cpu"):
                              image_size=checkpoint.get("image_size"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint
+
+
+def load_init_weights(model, path) -> dict:
+    """Start `model` from a checkpoint of this project (fine-tuning, e.g. a GRAZPEDWRI-DX model on a
+    hospital's images): copy every tensor whose name and shape match; return the checkpoint.
+
+    best.pt holds the weights under `state_dict`, last.pt under `model`; loaded with
+    weights_only=True. A head of another size (4 age groups -> 1 fracture logit) is skipped and
+    said in one log line. Fewer than half of the model's tensors matching means another
+    architecture: an error, because a model silently left mostly random is not a fine-tune.
+    """
+    checkpoint = load_checkpoint(Path(path))
+    weights = checkpoint.get("state_dict", checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise InputError(f"{path}: no model weights in it (no state_dict or model key); give the "
+                         "best.pt or last.pt of a 03/04/05 run")
+    own = model.state_dict()
+    matching = {name: tensor for name, tensor in weights.items()
+                if name in own and hasattr(tensor, "shape") and tuple(tensor.shape) == tuple(own[name].shape)}
+    if not matching or len(matching) < len(own) / 2:
+        raise InputError(f"{path}: only {len(matching)} of the model's {len(own)} tensors match by name and "
+                         f"shape (trained as {checkpoint.get('arch', '?')}); pass --arch "
+                         f"{checkpoint.get('arch', 'of that run')} or another checkpoint")
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(name for name in own if name not in matching)
+    log(f"init from {path}: {len(matching)} of {len(own)} tensors loaded"
+        + (f"; kept fresh (shape or name differs): {', '.join(skipped)}" if skipped else ""))
+    return checkpoint
 
 
 class CachedImageDataset:
@@ -2075,6 +2111,98 @@ def auc_with_ci(labels, probs, patients, n_boot: int = 1000, seed: int = 0) -> t
     if len(np.unique(labels)) < 2:
         return float("nan"), [float("nan"), float("nan")]
     return float(roc_auc_score(labels, probs)), bootstrap_ci(roc_auc_score, labels, probs, patients, n_boot, seed)
+
+
+# -- Shared evaluation functions (interfaces.md). Minimal versions so 07's external validation runs
+# -- on this branch; the evaluation branch owns these names and its copies replace these at merge.
+
+def binary_metrics_with_ci(labels, probs, patients, threshold: float, n_boot: int = 1000, seed: int = 0,
+                           prevalence: float | None = None) -> dict:
+    """AUC, sensitivity, specificity, PPV, NPV, F1, accuracy at `threshold`, each with a
+    patient-bootstrap 95% percentile interval (<name>_lo, <name>_hi)."""
+    from sklearn.metrics import roc_auc_score
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
+
+    def at_threshold(y, p) -> dict:
+        predicted = p >= threshold
+        tp, fp = int((predicted & (y == 1)).sum()), int((predicted & (y == 0)).sum())
+        fn, tn = int((~predicted & (y == 1)).sum()), int((~predicted & (y == 0)).sum())
+        ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+        return {"auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
+                "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+                "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
+                "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, len(y))}
+
+    result = {"n": int(len(labels)), "n_pos": int(labels.sum()), "threshold": float(threshold)}
+    point = at_threshold(labels, probs)
+    # One pass per resample for all metrics (as bootstrap_ci: whole patients are resampled).
+    _, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(labels) else []
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot if members else 0):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        draws.append(at_threshold(labels[rows], probs[rows]))
+    for name, value in point.items():
+        values = np.array([d[name] for d in draws], dtype=float)
+        values = values[np.isfinite(values)]
+        low, high = np.percentile(values, [2.5, 97.5]) if len(values) >= max(1, n_boot // 2) else (np.nan, np.nan)
+        result.update({name: value, f"{name}_lo": float(low), f"{name}_hi": float(high)})
+    if prevalence is not None:
+        sens, spec = point["sensitivity"], point["specificity"]
+        result["prevalence"] = float(prevalence)
+        result["ppv_at_prevalence"] = sens * prevalence / (sens * prevalence + (1 - spec) * (1 - prevalence))
+        result["npv_at_prevalence"] = spec * (1 - prevalence) / (spec * (1 - prevalence) + (1 - sens) * prevalence)
+    return result
+
+
+def study_table(images: pd.DataFrame, prob_column: str, decision_column: str) -> pd.DataFrame:
+    """One row per study (patient_id, study_id, laterality): max probability, decision 1 if ANY image's is."""
+    keys = ["patient_id", "study_id", "laterality"]
+    aggregations = {"n_images": (prob_column, "size"), "prob": (prob_column, "max"),
+                    "decision": (decision_column, "max")}
+    if "label" in images:
+        aggregations["label"] = ("label", "max")
+    studies = images.groupby(keys, as_index=False, sort=True, dropna=False).agg(**aggregations)
+    studies["decision"] = studies["decision"].astype(int)
+    return studies
+
+
+def calibration_metrics(labels, probs, n_bins: int = 10) -> dict:
+    """Brier score and expected calibration error over equal-width probability bins."""
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    bins = np.minimum((probs * n_bins).astype(int), n_bins - 1)
+    ece = sum(abs(labels[bins == b].mean() - probs[bins == b].mean()) * (bins == b).mean()
+              for b in range(n_bins) if (bins == b).any())
+    return {"brier": float(np.mean((probs - labels) ** 2)), "ece": float(ece)}
+
+
+def plot_reliability(curves: dict, path: Path, title: str) -> Path:
+    from sklearn.calibration import calibration_curve
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    for name, (labels, probs) in curves.items():
+        if len(np.unique(labels)) == 2:
+            observed, predicted = calibration_curve(labels, probs, n_bins=10, strategy="quantile")
+            ax.plot(predicted, observed, "o-", label=name)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set(xlabel="predicted probability", ylabel="observed fracture fraction", title=title,
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left")
+    return save_figure(fig, path)
+
+
+def plot_pr(labels, probs, path: Path, title: str) -> Path:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    if len(np.unique(labels)) == 2:
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        ax.plot(recall, precision, lw=2, label=f"AP {average_precision_score(labels, probs):.3f}")
+        ax.axhline(np.mean(labels), ls="--", color="grey", lw=1, label="prevalence")
+        ax.legend(loc="lower left")
+    ax.set(xlabel="sensitivity (recall)", ylabel="PPV (precision)", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    return save_figure(fig, path)
 
 
 def mean_absolute_error(true, predicted) -> float:
