@@ -489,6 +489,73 @@ def _flag_column(table: pd.DataFrame, name: str, csv_path: Path) -> pd.Series:
     return values.astype(int)
 
 
+# 07's CSV column -> its images column; every one optional (a hospital table has them all).
+PREDICTION_CSV_COLUMNS = {"study_id": "study_id", "patient_id": "patient_id", "laterality": "csv_laterality",
+                          "projection": "csv_projection", "age": "csv_age", "sex": "csv_sex",
+                          "fracture": "label", "boneage": "boneage"}
+
+
+def collect_prediction_inputs(inputs: Sequence[Path]) -> pd.DataFrame:
+    """07's inputs (folders, CSVs, image files) as one row per image: input_path as given, path to
+    read, and the CSV's own values (PREDICTION_CSV_COLUMNS, None where not given)."""
+    rows = []
+    for item in inputs:
+        if item.is_dir():
+            rows += [{"input_path": str(path)} for path in _images_under(item)]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            rows += _prediction_rows_from_csv(item)
+        elif item.is_file():
+            rows.append({"input_path": str(item)})
+        else:
+            raise InputError(f"{item}: no such folder, CSV or image file")
+    if not rows:
+        raise InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
+    frame = pd.DataFrame(rows, columns=["input_path", "path", *PREDICTION_CSV_COLUMNS.values()])
+    frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            path = Path(parent) / name
+            if name.startswith("."):
+                continue
+            # Hospital exports often name DICOM files without an extension (IM000001).
+            if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom(path)):
+                found.append(path)
+    return sorted(found)
+
+
+def _prediction_rows_from_csv(csv_path: Path) -> list[dict]:
+    table = read_table_csv(csv_path)
+    path_column = next((c for c in ("image_path", "path") if c in table.columns), None)
+    if path_column is None:
+        raise InputError(f"{csv_path}: no `image_path` (or `path`) column; the CSV needs one "
+                         f"image path per row, plus optional {', '.join(PREDICTION_CSV_COLUMNS)}")
+    table = table[table[path_column] != ""]
+    _check_prediction_labels(table, csv_path)
+    return [{"input_path": record[path_column],
+             "path": str(resolve_table_path(csv_path, record[path_column])),
+             **{column: record.get(name) or None for name, column in PREDICTION_CSV_COLUMNS.items()}}
+            for record in table.to_dict("records")]
+
+
+def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
+    """Labels are scored, so a bad one is an error, not a skip; scoring needs patients and studies."""
+    if "fracture" in table and not table["fracture"].isin(["0", "1"]).all():
+        bad = table.loc[~table["fracture"].isin(["0", "1"]), "fracture"].iloc[0]
+        raise InputError(f"{csv_path}: fracture {bad!r}; the label must be 0 or 1 on every row")
+    if "boneage" in table and pd.to_numeric(table["boneage"], errors="coerce").isna().any():
+        raise InputError(f"{csv_path}: a boneage value is not a number of months; fill every row")
+    missing = [c for c in ("patient_id", "study_id") if "fracture" in table and
+               (c not in table or table[c].eq("").any())]
+    if missing:
+        raise InputError(f"{csv_path}: a fracture column but no {' and '.join(missing)} on every "
+                         "row; the evaluation resamples patients and scores studies")
+
+
 # RSNA bone age: three published CSV variants, mapped to id / boneage / male.
 BONEAGE_COLUMN_NAMES = {
     "id": "id", "image id": "id", "case id": "id",
@@ -2385,3 +2452,130 @@ def _report_gradcam(out: Path) -> list[str]:
             f"{len(index)} overlays (true positives, false positives and false negatives first); "
             "list in `gradcam/index.csv`.", "",
             *[f"![{g.parent.parent.name} {g.parent.name}]({g.relative_to(out).as_posix()})" for g in grids], ""]
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. External validation: a run's models on a hospital's labelled images (07_predict)
+# ------------------------------------------------------------------------------------------------
+
+EVALUATION_SUBGROUPS = ["projection", "age_group_name", "age_group_source", "sex", "laterality"]
+
+
+def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, *, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Score predictions against a hospital's labels with the shared metric functions (as 04).
+
+    `images`: one row per PREDICTED labelled image: label (0/1), patient_id, study_id, laterality,
+    fracture_prob, fracture_pred (at the model's stored threshold), threshold, model, and the
+    subgroup columns. `skipped`: the labelled images that got no prediction, counted in the
+    report (leaving them out silently would flatter every figure). The thresholds are the ones
+    04 chose on ITS validation set: nothing here is tuned on the hospital's data. Intervals
+    resample patients. Writes evaluation.json, EVALUATION.md, subgroups.csv and the figures.
+    """
+    if images.empty:
+        raise InputError(f"{out_dir}: no labelled image got a fracture prediction ({len(skipped)} skipped, "
+                         "see skipped.csv); nothing to evaluate")
+    labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
+    patients = images["patient_id"].astype(str).to_numpy()
+    studies = study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int)),
+                          "fracture_prob", "fracture_pred")
+    result = {
+        "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
+        "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
+                                              studies["patient_id"].astype(str), n_boot, seed),
+        "n_images": int(len(images)), "n_patients": int(len(set(patients))), "n_studies": int(len(studies)),
+        "n_skipped": int(len(skipped)),
+        "skipped_reasons": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()},
+        "thresholds": {str(m): float(t) for m, t in images.groupby("model")["threshold"].first().items()},
+        "calibration": {"image": calibration_metrics(labels, probs),
+                        "study": calibration_metrics(studies["label"], studies["prob"])},
+    }
+    if "boneage" in images and "bone_age_months" in images:
+        result["boneage"] = _bone_age_error(images, n_boot, seed)
+    subgroups = _subgroup_table(images, n_boot, seed)
+    write_csv(subgroups, out_dir / "subgroups.csv")
+    plot_roc(labels, probs, out_dir / "roc.png", "external validation, images")
+    plot_pr(labels, probs, out_dir / "pr.png", "external validation, images")
+    plot_reliability({"images": (labels, probs), "studies": (studies["label"].to_numpy(),
+                                                             studies["prob"].to_numpy())},
+                     out_dir / "reliability.png", "calibration (external)")
+    write_json(result, out_dir / "evaluation.json")
+    with atomic_path(out_dir / "EVALUATION.md") as tmp:
+        tmp.write_text(_evaluation_markdown(result, subgroups))
+    return result
+
+
+def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int, seed: int) -> dict:
+    """binary_metrics_with_ci where each image was decided at ITS model's threshold.
+
+    AP and Lat (and each age group) have their own threshold, so one cut on the pooled
+    probabilities would not be the deployed decision. AUC ranks the probabilities; every
+    threshold metric is computed on the 0/1 decisions themselves (a 0/1 score cut at 0.5).
+    """
+    ranked = binary_metrics_with_ci(labels, probs, patients, 0.5, n_boot=n_boot, seed=seed)
+    decided = binary_metrics_with_ci(labels, np.asarray(decisions, dtype=float), patients, 0.5,
+                                     n_boot=n_boot, seed=seed)
+    decided.update({key: ranked[key] for key in ("auc", "auc_lo", "auc_hi")})
+    decided["threshold"] = "stored per model"
+    return decided
+
+
+def _bone_age_error(images: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    known = images.dropna(subset=["boneage", "bone_age_months"])
+    if known.empty:
+        return {"n": 0}
+    true, predicted = known["boneage"].astype(float).to_numpy(), known["bone_age_months"].astype(float).to_numpy()
+    low, high = bootstrap_ci(mean_absolute_error, true, predicted, known["patient_id"].astype(str), n_boot, seed)
+    return {"n": int(len(known)), "mae": mean_absolute_error(true, predicted), "mae_lo": low, "mae_hi": high}
+
+
+def _subgroup_table(images: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    rows = []
+    for column in [c for c in EVALUATION_SUBGROUPS if c in images and images[c].notna().any()]:
+        for value, part in images.groupby(images[column].fillna("unknown").astype(str), sort=True):
+            metrics = metrics_at_stored_thresholds(part["label"].astype(int), part["fracture_prob"].astype(float),
+                                                   part["fracture_pred"], part["patient_id"].astype(str),
+                                                   n_boot, seed)
+            rows.append({"subgroup": column, "value": value, **{k: metrics[k] for k in (
+                "n", "n_pos", "auc", "auc_lo", "auc_hi", "sensitivity", "sensitivity_lo", "sensitivity_hi",
+                "specificity", "specificity_lo", "specificity_hi")}})
+    return pd.DataFrame(rows)
+
+
+def _with_ci(metrics: dict, name: str) -> str:
+    value = metrics.get(name)
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3f} [{metrics[f'{name}_lo']:.3f}, {metrics[f'{name}_hi']:.3f}]"
+
+
+def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
+    names = ["auc", "sensitivity", "specificity", "ppv", "npv"]
+    lines = ["# External validation", "",
+             f"{result['n_images']} images of {result['n_patients']} patients in {result['n_studies']} studies "
+             f"were scored; {result['n_skipped']} labelled images got no prediction "
+             f"({', '.join(f'{n} {r}' for r, n in result['skipped_reasons'].items()) or 'none'}).",
+             "Each image is decided at the threshold its model's training run chose on its own validation "
+             "set (nothing is tuned on these images). A study is scored by its most suspicious image and is "
+             "positive when any image is. Brackets: 95% intervals from resampling patients.", "",
+             "| level | n (positive) | " + " | ".join(n.upper() if len(n) == 3 else n for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for level in ("image", "study"):
+        metrics = result[level]
+        lines.append(f"| {level} | {metrics['n']} ({metrics['n_pos']}) | "
+                     + " | ".join(_with_ci(metrics, n) for n in names) + " |")
+    calibration = result["calibration"]
+    lines += ["", f"Calibration: Brier {calibration['image']['brier']:.3f} (images), "
+                  f"{calibration['study']['brier']:.3f} (studies); ECE {calibration['image']['ece']:.3f} (images).",
+              ""]
+    if "boneage" in result and result["boneage"].get("n"):
+        lines += [f"Bone age: MAE {_with_ci(result['boneage'], 'mae')} months on {result['boneage']['n']} images.", ""]
+    if not subgroups.empty:
+        lines += ["## Subgroups (images)", "", "| subgroup | value | n (positive) | AUC | sensitivity | specificity |",
+                  "|---|---|---|---|---|---|"]
+        for row in subgroups.to_dict("records"):
+            lines.append(f"| {row['subgroup']} | {row['value']} | {row['n']} ({row['n_pos']}) | "
+                         f"{_with_ci(row, 'auc')} | {_with_ci(row, 'sensitivity')} | {_with_ci(row, 'specificity')} |")
+        lines.append("")
+    lines += ["![ROC](roc.png) ![PR](pr.png) ![reliability](reliability.png)", ""]
+    return "\n".join(lines)
