@@ -421,7 +421,8 @@ def read_table_csv(csv_path: Path) -> pd.DataFrame:
 def resolve_table_path(csv_path: Path, given: str) -> Path:
     """An image path of a table: absolute, or relative to the table's own folder (not the cwd)."""
     path = Path(given)
-    return path if path.is_absolute() else Path(csv_path).resolve().parent / path
+    # normpath, not resolve(): '..' steps are folded, a folder of symlinked images stays as given.
+    return Path(os.path.normpath(path if path.is_absolute() else Path(csv_path).resolve().parent / path))
 
 
 def read_hospital_table(csv_path: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
@@ -2477,8 +2478,9 @@ def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path
                          "see skipped.csv); nothing to evaluate")
     labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
     patients = images["patient_id"].astype(str).to_numpy()
-    studies = study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int)),
-                          "fracture_prob", "fracture_pred")
+    studies = study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int),
+                                        fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
+    studies = studies.astype({"label": int, "prob": float, "decision": int})
     result = {
         "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
         "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
