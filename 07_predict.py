@@ -129,7 +129,7 @@ def main(argv=None):
     common.write_csv(table, out_dir / "predictions.csv")
     skipped = _skip_table(images)
     common.write_csv(skipped, out_dir / "skipped.csv")
-    if images["label"].notna().any():
+    if images["label"].notna().any() or images["boneage"].notna().any():
         evaluate(images, skipped, edges, out_dir, args)
     common.write_run_config(out_dir, args, models=str(args.models.resolve()))
     _print_summary(table, skipped, out_dir)
@@ -374,17 +374,25 @@ def _study_keys(images: pd.DataFrame) -> pd.DataFrame:
 
 def evaluate(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, args) -> None:
     """External validation of the labelled images (common.evaluate_external, the shared metrics)."""
-    labelled = images[images["label"].notna()]
-    scored = _study_keys(labelled[labelled["fracture_prob"].notna()]).assign(
-        label=lambda frame: frame["label"].astype(int),
-        boneage=lambda frame: pd.to_numeric(frame["boneage"], errors="coerce"))
-    scored["age_group_name"] = [common.age_group_names(edges)[int(group)] for group in scored["age_group"]]
-    result = common.evaluate_external(scored, skipped[skipped["input_path"].isin(labelled["input_path"])],
-                                      out_dir, n_boot=args.bootstrap, seed=0)
-    image, study = result["image"], result["study"]
-    common.log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
-               f"{image['auc_hi']:.3f}], study AUC {study['auc']:.3f} on {result['n_images']} images of "
-               f"{result['n_patients']} patients -> {out_dir / 'EVALUATION.md'}")
+    labelled = _study_keys(images[images["label"].notna() | images["boneage"].notna()]).assign(
+        label=lambda frame: pd.to_numeric(frame["label"]), boneage=lambda frame: pd.to_numeric(frame["boneage"]))
+    names = common.age_group_names(edges)
+    labelled["age_group_name"] = [None if pd.isna(group) else names[int(group)] for group in labelled["age_group"]]
+    # A labelled image with no prediction for what its label scores is a skip of the evaluation.
+    fracture_skips = skipped["input_path"].isin(labelled.loc[labelled["label"].notna(), "input_path"]) \
+        & ~skipped["reason"].str.startswith("bone age:")
+    bone_skips = skipped["input_path"].isin(labelled.loc[labelled["boneage"].notna(), "input_path"]) \
+        & (skipped["reason"].str.startswith("bone age:") | skipped["reason"].isin(IMAGE_PROBLEMS))
+    result = common.evaluate_external(labelled, skipped[fracture_skips | bone_skips], out_dir,
+                                      n_boot=args.bootstrap, seed=0)
+    if "image" in result:
+        image = result["image"]
+        common.log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
+                   f"{image['auc_hi']:.3f}], study AUC {result['study']['auc']:.3f} on {result['n_images']} "
+                   f"images of {result['n_patients']} patients -> {out_dir / 'EVALUATION.md'}")
+    if "boneage" in result:
+        common.log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
+                   f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
 
 
 def _output_columns(args) -> list[str]:

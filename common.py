@@ -550,11 +550,11 @@ def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
         raise InputError(f"{csv_path}: fracture {bad!r}; the label must be 0 or 1 on every row")
     if "boneage" in table and pd.to_numeric(table["boneage"], errors="coerce").isna().any():
         raise InputError(f"{csv_path}: a boneage value is not a number of months; fill every row")
-    missing = [c for c in ("patient_id", "study_id") if "fracture" in table and
-               (c not in table or table[c].eq("").any())]
+    needed = ["patient_id", "study_id"] if "fracture" in table else ["patient_id"] if "boneage" in table else []
+    missing = [c for c in needed if c not in table or table[c].eq("").any()]
     if missing:
-        raise InputError(f"{csv_path}: a fracture column but no {' and '.join(missing)} on every "
-                         "row; the evaluation resamples patients and scores studies")
+        raise InputError(f"{csv_path}: labels but no {' and '.join(missing)} on every row; the "
+                         "evaluation resamples patients and scores studies")
 
 
 # RSNA bone age: three published CSV variants, mapped to id / boneage / male.
@@ -2466,45 +2466,58 @@ def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path
                       seed: int = 0) -> dict:
     """Score predictions against a hospital's labels with the shared metric functions (as 04).
 
-    `images`: one row per PREDICTED labelled image: label (0/1), patient_id, study_id, laterality,
-    fracture_prob, fracture_pred (at the model's stored threshold), threshold, model, and the
-    subgroup columns. `skipped`: the labelled images that got no prediction, counted in the
-    report (leaving them out silently would flatter every figure). The thresholds are the ones
-    04 chose on ITS validation set: nothing here is tuned on the hospital's data. Intervals
-    resample patients. Writes evaluation.json, EVALUATION.md, subgroups.csv and the figures.
+    `images`: one row per labelled input image: label (fracture 0/1) and/or boneage (months),
+    patient_id, study_id, laterality, fracture_prob, fracture_pred (at the model's stored
+    threshold), threshold, model, bone_age_months, and the subgroup columns. Images without a
+    prediction are in `skipped` and counted in the report (leaving them out silently would flatter
+    every figure). The thresholds are the ones 04 chose on ITS validation set: nothing here is
+    tuned on the hospital's data. Intervals resample patients. Writes evaluation.json,
+    EVALUATION.md and, for fractures, subgroups.csv, roc.png, pr.png, reliability.png.
     """
-    if images.empty:
-        raise InputError(f"{out_dir}: no labelled image got a fracture prediction ({len(skipped)} skipped, "
-                         "see skipped.csv); nothing to evaluate")
+    fractures = images[images["label"].notna() & images["fracture_prob"].notna()] if "label" in images else images[:0]
+    hands = (images[images["boneage"].notna() & images["bone_age_months"].notna()]
+             if {"boneage", "bone_age_months"} <= set(images) else images[:0])
+    if fractures.empty and hands.empty:
+        raise InputError(f"{out_dir}: no labelled image got a prediction ({len(skipped)} skipped, see "
+                         "skipped.csv); nothing to evaluate")
+    result = {"n_skipped": int(len(skipped)),
+              "skipped_reasons": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()}}
+    subgroups = pd.DataFrame()
+    if not fractures.empty:
+        result.update(_fracture_evaluation(fractures, n_boot, seed, out_dir))
+        subgroups = _subgroup_table(fractures, n_boot, seed)
+        write_csv(subgroups, out_dir / "subgroups.csv")
+    if not hands.empty:
+        result["boneage"] = _bone_age_error(hands, n_boot, seed)
+        result.setdefault("n_images", int(len(hands)))
+        result.setdefault("n_patients", int(hands["patient_id"].nunique()))
+    write_json(result, out_dir / "evaluation.json")
+    with atomic_path(out_dir / "EVALUATION.md") as tmp:
+        tmp.write_text(_evaluation_markdown(result, subgroups))
+    return result
+
+
+def _fracture_evaluation(images: pd.DataFrame, n_boot: int, seed: int, out_dir: Path) -> dict:
+    """Image and study metrics, calibration and the figures of the fracture predictions."""
     labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
     patients = images["patient_id"].astype(str).to_numpy()
     studies = study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int),
                                         fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
     studies = studies.astype({"label": int, "prob": float, "decision": int})
-    result = {
-        "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
-        "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
-                                              studies["patient_id"].astype(str), n_boot, seed),
-        "n_images": int(len(images)), "n_patients": int(len(set(patients))), "n_studies": int(len(studies)),
-        "n_skipped": int(len(skipped)),
-        "skipped_reasons": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()},
-        "thresholds": {str(m): float(t) for m, t in images.groupby("model")["threshold"].first().items()},
-        "calibration": {"image": calibration_metrics(labels, probs),
-                        "study": calibration_metrics(studies["label"], studies["prob"])},
-    }
-    if "boneage" in images and "bone_age_months" in images:
-        result["boneage"] = _bone_age_error(images, n_boot, seed)
-    subgroups = _subgroup_table(images, n_boot, seed)
-    write_csv(subgroups, out_dir / "subgroups.csv")
     plot_roc(labels, probs, out_dir / "roc.png", "external validation, images")
     plot_pr(labels, probs, out_dir / "pr.png", "external validation, images")
     plot_reliability({"images": (labels, probs), "studies": (studies["label"].to_numpy(),
                                                              studies["prob"].to_numpy())},
                      out_dir / "reliability.png", "calibration (external)")
-    write_json(result, out_dir / "evaluation.json")
-    with atomic_path(out_dir / "EVALUATION.md") as tmp:
-        tmp.write_text(_evaluation_markdown(result, subgroups))
-    return result
+    return {
+        "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
+        "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
+                                              studies["patient_id"].astype(str), n_boot, seed),
+        "n_images": int(len(images)), "n_patients": int(len(set(patients))), "n_studies": int(len(studies)),
+        "thresholds": {str(m): float(t) for m, t in images.groupby("model")["threshold"].first().items()},
+        "calibration": {"image": calibration_metrics(labels, probs),
+                        "study": calibration_metrics(studies["label"], studies["prob"])},
+    }
 
 
 def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int, seed: int) -> dict:
@@ -2522,10 +2535,7 @@ def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int
     return decided
 
 
-def _bone_age_error(images: pd.DataFrame, n_boot: int, seed: int) -> dict:
-    known = images.dropna(subset=["boneage", "bone_age_months"])
-    if known.empty:
-        return {"n": 0}
+def _bone_age_error(known: pd.DataFrame, n_boot: int, seed: int) -> dict:
     true, predicted = known["boneage"].astype(float).to_numpy(), known["bone_age_months"].astype(float).to_numpy()
     low, high = bootstrap_ci(mean_absolute_error, true, predicted, known["patient_id"].astype(str), n_boot, seed)
     return {"n": int(len(known)), "mae": mean_absolute_error(true, predicted), "mae_lo": low, "mae_hi": high}
@@ -2554,9 +2564,14 @@ def _with_ci(metrics: dict, name: str) -> str:
 def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
     names = ["auc", "sensitivity", "specificity", "ppv", "npv"]
     lines = ["# External validation", "",
-             f"{result['n_images']} images of {result['n_patients']} patients in {result['n_studies']} studies "
-             f"were scored; {result['n_skipped']} labelled images got no prediction "
-             f"({', '.join(f'{n} {r}' for r, n in result['skipped_reasons'].items()) or 'none'}).",
+             f"{result['n_images']} images of {result['n_patients']} patients were scored; "
+             f"{result['n_skipped']} labelled images got no prediction "
+             f"({', '.join(f'{n} {r}' for r, n in result['skipped_reasons'].items()) or 'none'}).", ""]
+    if "boneage" in result:
+        lines += [f"Bone age: MAE {_with_ci(result['boneage'], 'mae')} months on {result['boneage']['n']} images.", ""]
+    if "image" not in result:
+        return "\n".join(lines)
+    lines += [f"Fractures: {result['n_images']} images in {result['n_studies']} studies.",
              "Each image is decided at the threshold its model's training run chose on its own validation "
              "set (nothing is tuned on these images). A study is scored by its most suspicious image and is "
              "positive when any image is. Brackets: 95% intervals from resampling patients.", "",
@@ -2570,8 +2585,6 @@ def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
     lines += ["", f"Calibration: Brier {calibration['image']['brier']:.3f} (images), "
                   f"{calibration['study']['brier']:.3f} (studies); ECE {calibration['image']['ece']:.3f} (images).",
               ""]
-    if "boneage" in result and result["boneage"].get("n"):
-        lines += [f"Bone age: MAE {_with_ci(result['boneage'], 'mae')} months on {result['boneage']['n']} images.", ""]
     if not subgroups.empty:
         lines += ["## Subgroups (images)", "", "| subgroup | value | n (positive) | AUC | sensitivity | specificity |",
                   "|---|---|---|---|---|---|"]

@@ -139,3 +139,40 @@ def test_07_external_validation_reproduces_04s_cascade_auc(hospital_run, tmp_pat
     assert f"{image['auc']:.3f} [{image['auc_lo']:.3f}, {image['auc_hi']:.3f}]" in markdown
     for figure in ("roc.png", "pr.png", "reliability.png"):
         assert (tmp_path / "ext" / figure).stat().st_size > 0
+
+
+def test_07_bone_age_table_gives_mae_with_ci(tmp_path):
+    from test_predict import write_png16
+    predict = load_stage("07_predict")
+    models = tmp_path / "models"
+    _tiny_models(models)
+    rows = []
+    for i in range(8):
+        write_png16(tmp_path / "hands" / f"hand_{i}.png", seed=i)
+        rows.append({"image_path": f"hands/hand_{i}.png", "patient_id": f"H{i // 2}", "sex": "MF"[i % 2],
+                     "boneage": 60 + 12 * i})
+    pd.DataFrame(rows).to_csv(tmp_path / "hands.csv", index=False)
+    predict.main([str(tmp_path / "hands.csv"), "--models", str(models), "--out", str(tmp_path / "ext"),
+                  "--device", "cpu", "--boneage", "--bootstrap", "200"])
+    evaluation = json.loads((tmp_path / "ext" / "evaluation.json").read_text())
+    predictions = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    true = pd.DataFrame(rows)["boneage"].to_numpy()
+    assert evaluation["n_images"] == 8 and evaluation["n_patients"] == 4 and "image" not in evaluation
+    bone = evaluation["boneage"]
+    assert bone["n"] == 8 and bone["mae"] == pytest.approx(abs(predictions["bone_age_months"] - true).mean(), abs=0.1)
+    assert bone["mae_lo"] <= bone["mae"] <= bone["mae_hi"]
+    assert "Bone age: MAE" in (tmp_path / "ext" / "EVALUATION.md").read_text()
+
+
+def _tiny_models(out: Path) -> None:
+    """A fracture model (07 needs one) and a bone-age model, untrained."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = common.create_model("test_resnet", num_classes=1)
+    common.save_checkpoint({"kind": "classifier", "task": "fracture", "arch": "test_resnet", "num_classes": 1,
+                            "image_size": 32, "projection": "AP", "age_group": 1, "age_edges": [5.0, 10.0, 15.0],
+                            "route": "true", "threshold": 0.5, "state_dict": model.state_dict()},
+                           out / "fracture" / "AP" / "group1" / "best.pt")
+    boneage = common.build_boneage_model("resnet10t", init_months=120.0)
+    common.save_checkpoint({"kind": "boneage", "arch": "resnet10t", "max_months": common.BONEAGE_MAX_MONTHS,
+                            "image_size": 32, "state_dict": boneage.state_dict()}, out / "boneage" / "best.pt")
