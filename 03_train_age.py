@@ -61,13 +61,15 @@ def main(argv=None):
                     for split, frame in frames.items()}
         model = common.create_model(args.arch, num_classes=len(names), pretrained=args.pretrained,
                                     image_size=args.image_size)
+        if args.init_from:
+            common.load_init_weights(model, args.init_from)
         settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         patience=args.patience, workers=args.workers,
                                         compile=args.compile, monitor="accuracy", seed=args.seed,
                                         force=args.force)
         meta = {"kind": "classifier", "task": "age_group", "arch": args.arch, "num_classes": len(names),
                 "image_size": args.image_size, "age_edges": list(edges), "group_names": names,
-                "pretrained": args.pretrained, "settings": settings.identity(),
+                "pretrained": args.pretrained, "init_from": args.init_from, "settings": settings.identity(),
                 "splits": common.split_fingerprint(frames, "filestem")}
 
         def evaluate(trained):

@@ -95,6 +95,8 @@ def parse_args(argv=None):
     unknown = [p for p in args.projections if p not in common.PROJECTIONS]
     if unknown:
         parser.error(f"--projections: unknown {unknown}; use AP and/or Lat")
+    if args.init_from:  # the flag 03 and 05 share: here the same as --init FILE
+        args.init = args.init_from
     if args.init not in ("pooled", "scratch") and not Path(args.init).is_file():
         raise common.InputError(f"--init {args.init}: checkpoint not found; give pooled, scratch, or the "
                                 "path of a best.pt/last.pt written by 04 (same --arch)")

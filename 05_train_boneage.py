@@ -99,6 +99,8 @@ def main(argv=None):
         train_mean = float(frames["train"]["boneage"].mean())
         model = common.build_boneage_model(args.arch, pretrained=args.pretrained, init_months=train_mean,
                                            image_size=args.image_size)
+        if args.init_from:
+            common.load_init_weights(model, args.init_from)
         settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         patience=args.patience, workers=args.workers,
                                         compile=args.compile, monitor="mae", mode="min", seed=args.seed,
@@ -107,7 +109,7 @@ def main(argv=None):
         # last.pt to be resumed (a changed split must not continue the old weights).
         meta = {"kind": "boneage", "arch": args.arch, "max_months": common.BONEAGE_MAX_MONTHS,
                 "image_size": args.image_size, "init_months": train_mean, "pretrained": args.pretrained,
-                "settings": settings.identity(), "splits": common.split_fingerprint(frames, "id")}
+                "init_from": args.init_from, "settings": settings.identity(), "splits": common.split_fingerprint(frames, "id")}
 
         def forward(model, images, batch):
             return model(images, batch["male"].to(info.device))

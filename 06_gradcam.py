@@ -22,7 +22,6 @@ Run:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import pandas as pd
 import common
 
 MAX_PER_MODEL = {"demo": 6, "full": 0}   # 0 = every test image of the model
-MAX_OVERLAY_SIDE = 1024                  # full-size radiographs would make 10 MB PNGs
 GRID_TILES = 24
 OUTCOME_ORDER = ["TP", "FP", "FN", "TN"]
 
@@ -55,7 +53,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     predictions = _read_test_predictions(args.out)
-    model_paths = list(fracture_models(args.out / "fracture").values())
+    model_paths = list(common.fracture_models(args.out / "fracture").values())
     if not model_paths:
         raise common.InputError(f"{args.out / 'fracture'}: no trained fracture model (best.pt); run "
                                 "04_train_fracture_ddp.py with the same --out first")
@@ -78,14 +76,14 @@ def main(argv=None):
             unreadable += len(batch) - len(readable)
             if not readable:
                 continue
-            cams, probs = grad_cam_plus_plus(model, np.stack(squares), device)
+            cams, probs = common.grad_cam_plus_plus(model, np.stack(squares), device)
             for row, cam, box, prob in zip(readable, cams, boxes, probs):
                 # The outcome is re-read from this fp32 pass, so caption, name and colour agree.
                 outcome = outcome_of(row.label, prob, threshold)
-                overlay = render_overlay(row.image_path, cam, box,
-                                         caption(prob, threshold, label=row.label, outcome=outcome))
+                overlay = common.render_overlay(row.image_path, cam, box,
+                                                common.caption(prob, threshold, label=row.label, outcome=outcome))
                 path = model_dir / f"{row.filestem}_p{prob:.2f}_y{int(row.label)}.png"
-                write_png(overlay, path)
+                common.write_png(overlay, path)
                 rows.append({"projection": projection, "age_group": group, "filestem": row.filestem,
                              "label": int(row.label), "prob": float(prob),
                              "threshold": threshold, "outcome": outcome,
@@ -114,21 +112,6 @@ def _read_test_predictions(out: Path) -> pd.DataFrame:
     predictions = pd.read_csv(path, dtype={"filestem": str})
     test = common.read_split(out, "wrist", "test")[["filestem", "image_path"]]
     return predictions.merge(test, on="filestem", how="inner")
-
-
-def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], Path]:
-    """{(projection, age group): best.pt} of every model 04 trained, AP before Lat, groups in
-    order; a group 04 skipped has no best.pt. (07_predict uses this too.)"""
-    found = {}
-    for projection in common.PROJECTIONS:
-        groups = sorted(int(folder.name.removeprefix("group"))
-                        for folder in (Path(fracture_dir) / projection).glob("group*")
-                        if folder.name.removeprefix("group").isdigit())
-        for group in groups:
-            path = Path(fracture_dir) / projection / f"group{group}" / "best.pt"
-            if path.is_file():
-                found[(projection, group)] = path
-    return found
 
 
 def _images_of_model(predictions: pd.DataFrame, checkpoint: dict) -> pd.DataFrame:
@@ -177,192 +160,6 @@ def _load_batch(batch: pd.DataFrame, size: int):
         boxes.append(box)
         readable.append(row)
     return squares, boxes, readable
-
-
-def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM++ maps of the fracture logit, [B, S, S] in [0, 1], and the fracture probabilities.
-
-    `squares` are uint8 [B, S, S] from common.preprocess_image. The model has ONE logit; the
-    target is BinaryClassifierOutputTarget(1), i.e. the logit itself (evidence FOR a fracture),
-    for every image whatever its prediction: a false negative then shows what little fracture
-    evidence the model found, a false positive what misled it. (ClassifierOutputTarget(0) picks the
-    same logit; ClassifierOutputTarget(1) would index past the single output, and the default
-    argmax target is meaningless for one logit.) fp32 without autocast: Grad-CAM++ weights use
-    gradients cubed, which underflow in bf16.
-    """
-    import torch
-    from pytorch_grad_cam import GradCAMPlusPlus
-    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
-    model = model.float().eval()
-    images = common.prepare_images(torch.from_numpy(np.ascontiguousarray(squares)).unsqueeze(1),
-                                   device, train=False, channels_last=False)
-    cam = GradCAMPlusPlus(model, target_layers_for(model), reshape_transform=reshape_transform_for(model))
-    try:
-        # Not `with cam:` -- its __exit__ swallows IndexError and would hide a wrong target layer.
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False), \
-                layer_norm_statistics_as_constants(model):
-            maps = cam(images, targets=[BinaryClassifierOutputTarget(1)] * len(images))
-        logits = cam.outputs.detach().float().reshape(len(images), -1)[:, 0]
-    finally:
-        cam.activations_and_grads.release()
-        model.zero_grad(set_to_none=True)
-    return maps.astype(np.float32), torch.sigmoid(logits).cpu().numpy()
-
-
-@contextlib.contextmanager
-def layer_norm_statistics_as_constants(model):
-    """Within the block, every LayerNorm passes gradients as if its mean and variance were constants.
-
-    The forward values are unchanged. Why: the LayerNorm between the last stage and the logit
-    (ConvNeXt's head norm after pooling, Swin's final norm) makes the logit invariant to the scale
-    of its input, so the true gradient is orthogonal to the features themselves: for ConvNeXt,
-    gradient x activation then sums to exactly zero over the image, and which part of the map
-    comes out positive is arbitrary (in our tests, the opposite corner to the evidence about half
-    the time). With the statistics held constant the head is linear in the features, each
-    position's share of the logit is exact, and the map follows the evidence; this is the "LN
-    rule" of Ali et al., ICML 2022. LayerNorms before the target layer do not affect its gradient.
-    """
-    import torch
-    from timm.layers import LayerNorm2d
-
-    def hook(module, inputs, output):
-        features = inputs[0]
-        # timm's LayerNorm2d normalises channels (dim 1) of NCHW maps; nn.LayerNorm the last dims.
-        dims = (1,) if isinstance(module, LayerNorm2d) else tuple(range(-len(module.normalized_shape), 0))
-        scale = torch.rsqrt(features.var(dim=dims, keepdim=True, unbiased=False) + module.eps).detach()
-        if module.weight is not None:
-            weight = module.weight.detach()
-            scale = scale * (weight.view(-1, 1, 1) if isinstance(module, LayerNorm2d) else weight)
-        # Value: the LayerNorm's own output. Gradient: weight / std, the statistics held fixed.
-        return output.detach() + (features - features.detach()) * scale
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def target_layers_for(model) -> list:
-    """The last feature stage before pooling, per architecture family (timm models).
-
-    ConvNeXt and ConvNeXtV2 (one timm class): `stages[-1]`, channels-first (B, C, H, W).
-    Swin (v1 and v2): `layers[-1]`, whose output is channels-LAST (B, H, W, C): it needs
-    `reshape_transform_for(model)`, or the CAM would weigh rows of the map as if they were channels.
-    ResNet family (the demo's resnet10t): `layer4[-1]`, the last residual block.
-    """
-    family = _family(model)
-    if family == "convnext":
-        return [model.stages[-1]]
-    if family == "swin":
-        return [model.layers[-1]]
-    return [model.layer4[-1]]
-
-
-def reshape_transform_for(model):
-    """None for channels-first families; `to_channels_first` for Swin's channels-last stages."""
-    return to_channels_first if _family(model) == "swin" else None
-
-
-def _family(model) -> str:
-    from timm.models.convnext import ConvNeXt
-    from timm.models.resnet import ResNet
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-    if isinstance(model, ConvNeXt):
-        return "convnext"
-    if isinstance(model, (SwinTransformer, SwinTransformerV2)):
-        return "swin"
-    if isinstance(model, ResNet):
-        return "resnet"
-    raise common.InputError(f"Grad-CAM++: no target layer known for {type(model).__name__} "
-                            f"({getattr(model, 'arch', '?')}); supported: ConvNeXt/ConvNeXtV2, Swin, "
-                            "ResNet; add the family to target_layers_for in 06_gradcam.py")
-
-
-def to_channels_first(tensor):
-    """(B, H, W, C) maps or (B, N, C) tokens of a square grid -> (B, C, H, W), as grad-cam expects.
-
-    Token sequences may start with class/register tokens: the N - side**2 leading ones are dropped.
-    """
-    if tensor.ndim == 3:
-        batch, tokens, channels = tensor.shape
-        side = math.isqrt(tokens)
-        tensor = tensor[:, tokens - side * side:].reshape(batch, side, side, channels)
-    if tensor.ndim != 4:
-        raise ValueError(f"expected (B, H, W, C) or (B, N, C) features, got shape {tuple(tensor.shape)}")
-    return tensor.permute(0, 3, 1, 2)
-
-
-def caption(prob: float, threshold: float, label: int | None = None, outcome: str | None = None) -> str:
-    """'fracture p=0.834 (threshold 0.412) | label 1 | TP'; without a label (07) the prediction.
-
-    Three decimals: near the threshold two would print p=0.55 (threshold 0.55) for a miss.
-    """
-    text = f"fracture p={prob:.3f} (threshold {threshold:.3f})"
-    if label is None:
-        return f"{text} | predicted {'fracture' if prob >= threshold else 'no fracture'}"
-    return f"{text} | label {int(label)}" + (f" | {outcome}" if outcome else "")
-
-
-def render_overlay(image_path, cam_square: np.ndarray, box: common.Letterbox, text: str,
-                   max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
-    """RGB uint8: the map on the original image (letterbox undone), with `text` in a banner on top."""
-    unit = common.scale_to_unit(common.read_raw_image(Path(image_path)))
-    return add_caption(overlay_on_original(unit, cam_square, box, max_side), text)
-
-
-def overlay_on_original(unit_image: np.ndarray, cam_square: np.ndarray, box: common.Letterbox,
-                        max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
-    """Cut the image region out of the padded-square CAM, resize it to the original height x width
-    (shrunk so the longest side is <= max_side), and blend a colour map over the grey image.
-
-    `unit_image` is the original in [0, 1] (common.scale_to_unit), the same pixels the letterbox
-    was made from; returns RGB uint8 of the original's shape (or its shrunk copy).
-    """
-    import cv2
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-    if unit_image.shape != (box.height, box.width):
-        raise ValueError(f"image {unit_image.shape} does not match its letterbox ({box.height}, {box.width})")
-    region = cam_square[box.region]
-    shrink = min(1.0, max_side / max(box.height, box.width))
-    size = (max(1, round(box.width * shrink)), max(1, round(box.height * shrink)))  # cv2: (w, h)
-    cam = np.clip(cv2.resize(region.astype(np.float32), size, interpolation=cv2.INTER_LINEAR), 0, 1)
-    grey = unit_image if shrink == 1.0 else cv2.resize(unit_image, size, interpolation=cv2.INTER_AREA)
-    rgb = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2).astype(np.float32)
-    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.6)
-
-
-def add_caption(rgb: np.ndarray, text: str) -> np.ndarray:
-    """A black banner above the image with the caption in white; its ' | ' parts wrap onto more
-    lines when one line would be too small to read on a narrow image."""
-    import cv2
-    font, width = cv2.FONT_HERSHEY_SIMPLEX, rgb.shape[1]
-    usable = 0.96 * width
-    lines = [text]
-    if cv2.getTextSize(text, font, 1.0, 1)[0][0] * 0.5 > usable:
-        lines = text.split(" | ")
-    widest = max(cv2.getTextSize(line, font, 1.0, 1)[0][0] for line in lines)
-    line_h = cv2.getTextSize("Ag", font, 1.0, 1)[0][1]
-    scale = min(1.0, usable / widest)
-    thickness = 2 if scale > 0.7 else 1
-    step = int(line_h * scale * 1.8) + 2
-    banner = np.zeros((step * len(lines) + 4, width, 3), dtype=np.uint8)
-    for i, line in enumerate(lines):
-        cv2.putText(banner, line, (max(2, int(0.02 * width)), step * i + int(step * 0.75) + 2), font,
-                    scale, (255, 255, 255), thickness, cv2.LINE_AA)
-    return np.concatenate([banner, rgb], axis=0)
-
-
-def write_png(rgb: np.ndarray, path: Path) -> Path:
-    import cv2
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with common.atomic_path(path) as tmp:
-        tmp.write_bytes(encoded.tobytes())
-    return Path(path)
 
 
 def _remove_stale_overlays(model_dir: Path, written: set[Path]) -> None:

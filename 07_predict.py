@@ -2,13 +2,14 @@
 
 INPUT is any mix of
   a folder      every .png/.jpg/.jpeg/.dcm under it, recursively (and extension-less DICOM files)
-  a CSV         column `path` (or `image_path`); optional `projection` (AP/Lat), `age` (years),
-                `sex` (M/F), `study_id`, `patient_id` and `laterality` (L/R); relative paths are
-                read from the CSV's folder
-  image files   PNG/JPEG (8 or 16 bit) or DICOM
+  a CSV         column `image_path` (or `path`); optional `projection` (AP/Lat), `age` (years),
+                `sex` (M/F), `patient_id`, `study_id`, `laterality` (L/R), and the labels
+                `fracture` (0/1) and `boneage` (months); relative paths are read from the CSV's folder
+  image files   PNG/JPEG (8 or 16 bit) or DICOM, any transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE)
 
 Each image gets
-  its projection  from the CSV, else the DICOM's ViewPosition, else --projection
+  its projection  from the CSV, else the DICOM's ViewPosition, else its ViewCodeSequence, else
+                  --projection; with none it is a counted skip
   its age group   from its age (CSV, else the DICOM's PatientAge, else --age) with the age edges
                   stored in the models; with no age, predicted by the age router of 03
   a fracture probability from the model 04 trained for that projection and age group, and a 0/1
@@ -20,15 +21,21 @@ The image is preprocessed exactly as in training (common.preprocess_image at the
 An image that cannot be used (missing, unreadable, no projection, no model for its group) is a
 counted skip with its reason, never a crash.
 
-Study rows (when the CSV has study_id): a study is (patient_id, study_id, laterality), so left and
-right wrists are two studies; common.study_table is the rule, the same code 04 evaluates studies
-with. fracture_prob is the MAX over the study's images, and fracture_pred is 1 when ANY of its
-images is predicted positive at its own model's threshold: AP and Lat models have different
-thresholds, and a fracture seen in one projection is a fracture of the study. patient_id is used
-for grouping only, never written.
+Study rows: a study is the CSV's study_id, or a DICOM's StudyInstanceUID, with its laterality
+(CSV, else ImageLaterality/Laterality). fracture_prob is the MAX over the study's images and
+fracture_pred is 1 when ANY image is positive at its own model's threshold (common.study_table,
+the rule 04 evaluates by): AP and Lat models have different thresholds, and a fracture seen in
+one projection is a fracture of the study. patient_id is used for grouping only,
+never written.
 
-Nothing identifying is written: no names, IDs or birth dates, and of the DICOM header only the
-view, age and sex are read (to choose the model), none of them copied to the outputs.
+External validation: when the CSV has a `fracture` column (and patient_id, study_id), the
+predictions are also scored against it (common.evaluate_external): image- and study-level AUC,
+sensitivity, specificity, PPV, NPV with patient-bootstrap 95% CIs at the stored thresholds,
+calibration, subgroups, ROC/PR/reliability figures; with `boneage` and --boneage also the MAE.
+
+Nothing identifying is written: no names, IDs or birth dates. Of the DICOM header only the view,
+age, sex and laterality are read, and the Study Instance UID only as a keyed hash whose key is
+random per run and never stored (common.study_key).
 
 Reads   MODELS/fracture/{AP,Lat}/group{g}/best.pt (04); MODELS/age/best.pt (03, for images
         without an age); MODELS/boneage/best.pt (05, with --boneage)
@@ -38,6 +45,8 @@ Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterali
                              threshold, model, n_images; bone_age_months (--boneage); cam_path (--cam)
         OUT/skipped.csv      input_path, reason, detail: every image left out and why
         OUT/gradcam/         Grad-CAM++ overlays (--cam), drawn as in 06_gradcam.py
+        OUT/evaluation.json, EVALUATION.md, subgroups.csv, roc.png, pr.png, reliability.png
+                             (a CSV with `fracture`): {"image": {...}, "study": {...}, "n_images", ...}
         OUT/config.json
 
 Run:
@@ -46,12 +55,12 @@ Run:
   python 07_predict.py scan.dcm --age 11 --cam --device cpu
   python 07_predict.py hands/ --projection AP --sex F --boneage
   python 07_predict.py hands/ --sex F --boneage --models bone_age_run/   # a run with only 05's model
+  python 07_predict.py hospital_table.csv --models outputs --out external/   # external validation
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -60,9 +69,7 @@ import pandas as pd
 
 import common
 
-PROJECTION_VALUES = {"ap": "AP", "pa": "AP", "frontal": "AP", "1": "AP",
-                     "lat": "Lat", "lateral": "Lat", "ll": "Lat", "rl": "Lat", "2": "Lat"}
-SEX_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+PROJECTION_VALUES, SEX_VALUES = common.PROJECTION_NAMES, common.SEX_NAMES
 IMAGE_PROBLEMS = ("file not found", "unreadable image")  # no task can use these images
 SKIPS_SHOWN = 20
 
@@ -84,6 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--boneage", action="store_true", help="also predict bone age (hand radiographs; needs sex)")
     parser.add_argument("--cam", action="store_true", help="also write Grad-CAM++ overlays")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="patient resamples for the evaluation's 95%% CIs (default: 1000)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run (default: auto = CUDA if visible)")
     args = parser.parse_args(argv)
@@ -97,8 +106,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    gradcam = importlib.import_module("06_gradcam")  # shared model lookup and Grad-CAM++ drawing
-    fracture_models = gradcam.fracture_models(args.models / "fracture")
+    fracture_models = common.fracture_models(args.models / "fracture")
     boneage_path = args.models / "boneage" / "best.pt"
     if not fracture_models and not (args.boneage and boneage_path.is_file()):
         # A bone-age-only run (run_all.py --boneage-data alone) predicts bone age with --boneage.
@@ -112,12 +120,12 @@ def main(argv=None):
     out_dir = common.ensure_writable_dir(args.out)
     device = common.resolve_device(args.device)
 
-    images = collect_inputs(args.inputs)
+    images = common.collect_prediction_inputs(args.inputs)
     common.log(f"07: {len(images)} input images; models from {args.models}")
-    resolve_metadata(images, args)
+    resolve_metadata(images, args, secrets.token_bytes(16))  # the study-hash key lives for this run only
     if fracture_models:
         assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
-        predict_fractures(images, fracture_models, edges, args, device, out_dir, gradcam if args.cam else None)
+        predict_fractures(images, fracture_models, edges, args, device, out_dir)
     else:
         common.log(f"07: no fracture models under {args.models / 'fracture'}: bone age only")
         _no_fracture_track(images)
@@ -132,6 +140,8 @@ def main(argv=None):
     common.write_csv(table, out_dir / "predictions.csv")
     skipped = _skip_table(images)
     common.write_csv(skipped, out_dir / "skipped.csv")
+    if images["label"].notna().any() or images["boneage"].notna().any():
+        evaluate(images, skipped, edges, out_dir, args)
     common.write_run_config(out_dir, args, models=str(args.models.resolve()))
     _print_summary(table, skipped, out_dir)
     return table
@@ -153,68 +163,10 @@ def _age_edges(fracture_models: dict) -> tuple[float, ...]:
     return tuple(float(e) for e in checkpoint["age_edges"])
 
 
-def collect_inputs(inputs: list[Path]) -> pd.DataFrame:
-    """One row per image: input_path as given, path to read, and the CSV's own values (or None)."""
-    rows = []
-    for item in inputs:
-        if item.is_dir():
-            rows += [{"input_path": str(path)} for path in _images_under(item)]
-        elif item.suffix.lower() == ".csv" and item.is_file():
-            rows += _rows_from_csv(item)
-        elif item.is_file():
-            rows.append({"input_path": str(item)})
-        else:
-            raise common.InputError(f"{item}: no such folder, CSV or image file")
-    if not rows:
-        raise common.InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
-    frame = pd.DataFrame(rows, columns=["input_path", "path", "study_id", "patient_id", "laterality",
-                                        "csv_projection", "csv_age", "csv_sex"])
-    frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
-    return frame.astype(object).where(frame.notna(), None)
-
-
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for parent, _, names in os.walk(folder, followlinks=True):
-        for name in names:
-            path = Path(parent) / name
-            if name.startswith("."):
-                continue
-            # Hospital exports often name DICOM files without an extension (IM000001).
-            if path.suffix.lower() in common.IMAGE_SUFFIXES or (not path.suffix and common.is_dicom(path)):
-                found.append(path)
-    return sorted(found)
-
-
-def _rows_from_csv(csv_path: Path) -> list[dict]:
-    try:
-        table = pd.read_csv(csv_path, dtype=str, encoding="utf-8-sig", keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise common.InputError(f"{csv_path}: not a readable CSV ({error})") from None
-    table.columns = [c.strip().lower() for c in table.columns]
-    path_column = next((c for c in ("path", "image_path") if c in table.columns), None)
-    if path_column is None:
-        raise common.InputError(f"{csv_path}: no `path` (or `image_path`) column; the CSV needs one "
-                                "image path per row, plus optional projection, age, sex, study_id")
-    rows = []
-    for record in table.to_dict("records"):
-        given = record[path_column].strip()
-        if not given:
-            continue
-        path = Path(given) if Path(given).is_absolute() else csv_path.parent / given
-        rows.append({"input_path": given, "path": str(path),
-                     "study_id": record.get("study_id", "").strip() or None,
-                     "patient_id": record.get("patient_id", "").strip() or None,
-                     "laterality": record.get("laterality", "").strip().upper() or None,
-                     "csv_projection": record.get("projection", "").strip() or None,
-                     "csv_age": record.get("age", "").strip() or None,
-                     "csv_sex": record.get("sex", "").strip() or None})
-    return rows
-
-
-def resolve_metadata(images: pd.DataFrame, args) -> None:
-    """Projection, age and sex of each image: its CSV row, else its DICOM header, else the flags."""
-    for column in ("projection", "projection_source", "age", "sex", "skip_reason", "skip_detail"):
+def resolve_metadata(images: pd.DataFrame, args, study_salt: bytes) -> None:
+    """Projection, age, sex, laterality and study of each image: its CSV row, else its DICOM
+    header, else the flags."""
+    for column in ("projection", "projection_source", "age", "sex", "laterality", "skip_reason", "skip_detail"):
         images[column] = None
     for index, row in common.progress(images.iterrows(), total=len(images), desc="read headers", unit="img"):
         path = row["path"]
@@ -224,7 +176,7 @@ def resolve_metadata(images: pd.DataFrame, args) -> None:
         tags = {}
         if common.is_dicom(path):
             try:
-                tags = common.read_dicom_tags(path)
+                tags = common.read_dicom_tags(path, study_salt)
             except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a bad file
                 _skip(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
                 continue
@@ -235,14 +187,20 @@ def resolve_metadata(images: pd.DataFrame, args) -> None:
         if csv_age is not None and not _is_age(csv_age):
             _skip(images, index, "age not a number of years", f"CSV age {csv_age!r}")
             continue
+        if csv_projection is None and tags.get("projection") == "other":
+            _skip(images, index, "projection not AP or Lat", f"DICOM {tags['view_source']} names another view")
+            continue
         images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
             csv_projection and PROJECTION_VALUES[csv_projection.lower()], tags.get("projection"), args.projection)
+        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
+        laterality = (row["csv_laterality"] or "").upper()
+        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
         images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), args.age)
         images.at[index, "sex"], _ = _first_given(csv_sex and SEX_VALUES.get(csv_sex.lower()),
                                                   tags.get("sex"), args.sex)
         if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
             _skip(images, index, "no projection", "give a projection column, --projection, or a "
-                                                  "DICOM with ViewPosition")
+                                                  "DICOM with ViewPosition or ViewCodeSequence")
 
 
 def _first_given(csv_value, dicom_value, flag_value) -> tuple:
@@ -336,9 +294,9 @@ def _infer(model, squares: np.ndarray, device, *extra):
 
 
 def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
-                      gradcam=None) -> None:
-    """Run each (projection, age group) model on its images; with `gradcam` (06's module) also
-    write Grad-CAM++ overlays."""
+                      ) -> None:
+    """Run each (projection, age group) model on its images; with --cam also write Grad-CAM++
+    overlays (common's, as 06 draws them)."""
     import torch
     for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "model", "cam_path"):
         images[column] = None
@@ -364,13 +322,13 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
             images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
             images.loc[indices, "threshold"] = float(common.apply_calibration([threshold], calibration)[0])
             images.loc[indices, "model"] = relative
-            if gradcam is not None:
-                cams, _ = gradcam.grad_cam_plus_plus(model, squares, device)
+            if args.cam:
+                cams, _ = common.grad_cam_plus_plus(model, squares, device)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
                     name = f"{index:05d}_{images.at[index, 'path'].stem}_p{prob:.2f}.png"
-                    overlay = gradcam.render_overlay(images.at[index, "path"], cam, box,
-                                                     gradcam.caption(float(prob), threshold))
-                    gradcam.write_png(overlay, out_dir / "gradcam" / name)
+                    overlay = common.render_overlay(images.at[index, "path"], cam, box,
+                                                     common.caption(float(prob), threshold))
+                    common.write_png(overlay, out_dir / "gradcam" / name)
                     images.at[index, "cam_path"] = f"gradcam/{name}"
         del model
 
@@ -418,16 +376,48 @@ def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
 
 
 def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
-    """One row per study (common.study_table, the rule 04 evaluates): max calibrated and raw
-    probability, positive if any image is positive (see the docstring)."""
-    scored = images[images["study_id"].notna() & images["fracture_prob"].notna()]
+    """One row per study (common.study_table: max probability, positive if any image is)."""
+    scored = _study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
     if scored.empty:
         return pd.DataFrame()
-    studies = common.study_table(scored.astype({"fracture_prob": float, "raw_prob": float}), "fracture_prob",
-                                 "fracture_pred", raw_prob=("raw_prob", "max"),
-                                 projection=("projection", lambda p: "+".join(sorted(set(p)))))
-    return studies.rename(columns={"prob": "fracture_prob", "decision": "fracture_pred"}).assign(
-        level="study", laterality=studies["laterality"].replace("", None)).drop(columns="patient_id")
+    studies = common.study_table(scored.assign(fracture_pred=scored["fracture_pred"].astype(int),
+                                               fracture_prob=scored["fracture_prob"].astype(float),
+                                               raw_prob=scored["raw_prob"].astype(float)),
+                                 "fracture_prob", "fracture_pred", raw_prob=("raw_prob", "max"))
+    views = scored.groupby(["patient_id", "study_id", "laterality"])["projection"].agg(
+        lambda p: "+".join(sorted(set(p)))).rename("projection").reset_index()
+    studies = studies.merge(views, on=["patient_id", "study_id", "laterality"])
+    studies["laterality"] = studies["laterality"].replace("", None)
+    return studies.rename(columns={"prob": "fracture_prob", "decision": "fracture_pred"}).assign(level="study")
+
+
+def _study_keys(images: pd.DataFrame) -> pd.DataFrame:
+    """patient_id and laterality as '' where unknown: a study key must not be dropped as NaN."""
+    return images.assign(patient_id=images["patient_id"].fillna("").astype(str),
+                         laterality=images["laterality"].fillna(""))
+
+
+def evaluate(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, args) -> None:
+    """External validation of the labelled images (common.evaluate_external, the shared metrics)."""
+    labelled = _study_keys(images[images["label"].notna() | images["boneage"].notna()]).assign(
+        label=lambda frame: pd.to_numeric(frame["label"]), boneage=lambda frame: pd.to_numeric(frame["boneage"]))
+    names = common.age_group_names(edges) if edges is not None else []
+    labelled["age_group_name"] = [None if pd.isna(group) else names[int(group)] for group in labelled["age_group"]]
+    # A labelled image with no prediction for what its label scores is a skip of the evaluation.
+    fracture_skips = skipped["input_path"].isin(labelled.loc[labelled["label"].notna(), "input_path"]) \
+        & ~skipped["reason"].str.startswith("bone age:")
+    bone_skips = skipped["input_path"].isin(labelled.loc[labelled["boneage"].notna(), "input_path"]) \
+        & (skipped["reason"].str.startswith("bone age:") | skipped["reason"].isin(IMAGE_PROBLEMS))
+    result = common.evaluate_external(labelled, skipped[fracture_skips | bone_skips], out_dir,
+                                      n_boot=args.bootstrap, seed=0)
+    if "image" in result:
+        image = result["image"]
+        common.log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
+                   f"{image['auc_hi']:.3f}], study AUC {result['study']['auc']:.3f} on {result['n_images']} "
+                   f"images of {result['n_patients']} patients -> {out_dir / 'EVALUATION.md'}")
+    if "boneage" in result:
+        common.log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
+                   f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
 
 
 def _output_columns(args) -> list[str]:

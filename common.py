@@ -7,6 +7,7 @@ Sections, in order:
 2. Data readers: GRAZPEDWRI-DX `dataset.csv`, RSNA bone-age CSVs, image index, splits
 3. Age groups (the one definition every stage uses)
 4. Images: one loader for PNG/JPEG (8/16-bit) and DICOM, letterbox, preprocess-once cache
+   4b. A run's fracture models and Grad-CAM++ overlays (06 and 07)
 5. Models and losses: timm factory, focal loss, GeM, bone-age model
 6. Distributed: setup/teardown, DDP-aware balanced sampler, gathering predictions
 7. Training loop shared by 03, 04 and 05 (resumable, early stopping, bf16 on CUDA)
@@ -134,6 +135,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--mlflow", action="store_true", help="log params, per-epoch and final metrics, "
                                                               "plots and the model to MLflow")
     group.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under OUT/mlruns/)")
+    group.add_argument("--init-from", metavar="PATH", help="start from the best.pt/last.pt of an earlier run "
+                                                           "of this stage (fine-tuning; a head of another "
+                                                           "size starts fresh) (default: none)")
     return parser
 
 
@@ -317,7 +321,8 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
                         ao_pattern: str | None = None, age_range: tuple[float, float] | None = None,
                         image_index: dict[str, Path] | None = None,
                         ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Read GRAZPEDWRI-DX `dataset.csv` unchanged and apply the study's filters.
+    """Read GRAZPEDWRI-DX `dataset.csv` unchanged (or a hospital table: `root` is a .csv file, see
+    read_hospital_table) and apply the study's filters.
 
     Returns the kept rows (all 17 original columns plus image_path, label, projection_name) and the
     number of rows excluded for each reason, in the order the filters ran. Counts add up:
@@ -327,6 +332,13 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
     code, after splitting on ';' or ',', matches the regular expression.
     """
     root = Path(root)
+    if is_hospital_table(root):
+        frame, hospital_index = read_hospital_table(root)
+        if ao_pattern and not frame["ao_classification"].astype(bool).any():
+            raise InputError(f"{root}: --ao-filter needs an ao_classification column; add one or drop the filter")
+        return _filter_wrist_rows(frame, root, image_index or hospital_index, projections=projections,
+                                  exclude_metal=exclude_metal, exclude_cast=exclude_cast,
+                                  ao_pattern=ao_pattern, age_range=age_range)
     csv_path = root / "dataset.csv"
     if not root.is_dir():
         raise InputError(f"{root}: data folder not found; pass --data with the GRAZPEDWRI-DX "
@@ -350,6 +362,19 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
             frame[flag] = pd.to_numeric(frame[flag], errors="coerce").fillna(0).astype(int)
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
     frame["projection"] = pd.to_numeric(frame["projection"], errors="coerce")
+    index = image_index if image_index is not None else index_images(root)
+    if not index:
+        raise InputError(f"{root}: no images (.png/.jpg/.dcm) found anywhere under the data "
+                         "folder; unpack images_part1..4 (or images/) inside it")
+    return _filter_wrist_rows(frame, csv_path, index, projections=projections, exclude_metal=exclude_metal,
+                              exclude_cast=exclude_cast, ao_pattern=ao_pattern, age_range=age_range)
+
+
+def _filter_wrist_rows(frame: pd.DataFrame, csv_path: Path, index: dict[str, Path], *,
+                       projections: Sequence[str], exclude_metal: bool, exclude_cast: bool,
+                       ao_pattern: str | None, age_range: tuple[float, float] | None,
+                       ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """read_wrist_metadata's filters and image lookup, shared by dataset.csv and hospital tables."""
     frame["ao_classification"] = frame["ao_classification"].fillna("")
     total = len(frame)
 
@@ -377,10 +402,6 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
         excluded[reason] = int(hit.sum())
         keep &= ~hit
 
-    index = image_index if image_index is not None else index_images(root)
-    if not index:
-        raise InputError(f"{root}: no images (.png/.jpg/.dcm) found anywhere under the data "
-                         "folder; unpack images_part1..4 (or images/) inside it")
     paths = frame["filestem"].map(index)
     hit = keep & paths.isna()
     excluded["image not found"] = int(hit.sum())
@@ -390,7 +411,8 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
     kept["image_path"] = paths[keep].map(str)
     kept["label"] = (kept["fracture_visible"] == 1).astype(int)
     kept["projection_name"] = kept["projection"].map({v: k for k, v in PROJECTIONS.items()})
-    kept["patient_id"] = kept["patient_id"].astype(int)
+    if not is_hospital_table(csv_path):  # a hospital's patient IDs may be pseudonyms, not numbers
+        kept["patient_id"] = kept["patient_id"].astype(int)
     kept["study_id"] = kept["study_number"]  # the name hospital tables and 07 use for a study
     assert len(kept) + sum(excluded.values()) == total
     if len(kept) == 0:
@@ -408,6 +430,171 @@ def format_exclusions(excluded: dict[str, int], total: int) -> str:
     """One line: 'of 20327 rows: 93 oblique projection, 708 metal implant, ...'."""
     parts = [f"{n} {reason}" for reason, n in excluded.items() if n]
     return f"of {total} rows excluded: " + (", ".join(parts) if parts else "none")
+
+
+# A hospital's own table: one row per image, paths instead of GRAZPEDWRI-DX's file stems.
+HOSPITAL_REQUIRED = ["image_path", "patient_id", "study_id", "age", "sex", "projection", "fracture"]
+HOSPITAL_OPTIONAL = ["laterality", "cast", "metal", "ao_classification", "boneage"]
+PROJECTION_NAMES = {"ap": "AP", "pa": "AP", "frontal": "AP", "1": "AP",
+                    "lat": "Lat", "lateral": "Lat", "ll": "Lat", "rl": "Lat", "2": "Lat"}
+SEX_NAMES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+def is_hospital_table(path: Path) -> bool:
+    """--data given as a CSV file is a hospital table; a folder is GRAZPEDWRI-DX's layout."""
+    return Path(path).suffix.lower() == ".csv"
+
+
+def read_table_csv(csv_path: Path) -> pd.DataFrame:
+    """Any user CSV as strings, header names stripped and lower-cased, byte-order mark dropped."""
+    try:
+        table = pd.read_csv(csv_path, dtype=str, encoding="utf-8-sig", keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{csv_path}: file not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{csv_path}: not a readable CSV ({error}); export it again as "
+                         "comma-separated UTF-8") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    return table.apply(lambda column: column.str.strip())
+
+
+def resolve_table_path(csv_path: Path, given: str) -> Path:
+    """An image path of a table: absolute, or relative to the table's own folder (not the cwd)."""
+    path = Path(given)
+    # normpath, not resolve(): '..' steps are folded, a folder of symlinked images stays as given.
+    return Path(os.path.normpath(path if path.is_absolute() else Path(csv_path).resolve().parent / path))
+
+
+def read_hospital_table(csv_path: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """A hospital table as GRAZPEDWRI-DX's columns, so 01-06 and their checks run on it unchanged.
+
+    Columns: image_path, patient_id, study_id, age (years), sex (M/F), projection (AP/Lat),
+    fracture (0/1); optional laterality (L/R), cast, metal (0/1), ao_classification. Returns the
+    frame in dataset.csv's layout (plus study_id and sex) and {filestem: image path} of the files
+    that exist. The filestem is the image path made file-name safe: 04's predictions and 06's
+    overlays are keyed and named by it. Values the reader cannot use become NaN and are counted by
+    read_wrist_metadata's filters (age missing, projection not selected, ...), never guessed.
+    """
+    table = read_table_csv(csv_path)
+    missing = [c for c in HOSPITAL_REQUIRED if c not in table.columns]
+    if missing:
+        raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; a hospital table needs "
+                         f"{', '.join(HOSPITAL_REQUIRED)} (optional: {', '.join(HOSPITAL_OPTIONAL)})")
+    if table.empty:
+        raise InputError(f"{csv_path}: no rows; one row per image is needed")
+    fracture = table["fracture"].map({"0": 0, "1": 1, "0.0": 0, "1.0": 1})
+    if fracture.isna().any():
+        row = int(np.flatnonzero(fracture.isna())[0])
+        raise InputError(f"{csv_path}: fracture {table['fracture'].iloc[row]!r} on data row {row + 1}; "
+                         "the label must be 0 or 1 on every row")
+    stems = table["image_path"].map(_filestem_of_path)
+    if stems.duplicated().any():
+        raise InputError(f"{csv_path}: image {table['image_path'][stems.duplicated()].iloc[0]!r} is "
+                         "listed twice; one row per image")
+    projection = table["projection"].str.lower().map(PROJECTION_NAMES).map(PROJECTIONS)
+    projection[table["projection"].str.lower().isin(["oblique", "obl", "3"])] = 3  # counted as oblique
+    frame = pd.DataFrame({
+        "filestem": stems, "patient_id": table["patient_id"], "study_number": table["study_id"],
+        "study_id": table["study_id"], "timehash": 0,
+        "gender": table["sex"].str.lower().map(SEX_NAMES).fillna("O"),
+        "age": pd.to_numeric(table["age"], errors="coerce"),
+        "laterality": table.get("laterality", pd.Series("", index=table.index)).str.upper(),
+        # An unknown projection text is code 0, which the projection filter counts and drops.
+        "projection": projection.fillna(0).astype(int),
+        "initial_exam": 0, "ao_classification": table.get("ao_classification", ""),
+        "cast": _flag_column(table, "cast", csv_path), "diagnosis_uncertain": 0, "osteopenia": 0,
+        "fracture_visible": fracture.astype(int), "metal": _flag_column(table, "metal", csv_path),
+        "pixel_spacing": np.nan, "device_manufacturer": ""})
+    frame["sex"] = frame["gender"]
+    if frame["patient_id"].eq("").any() or frame["study_id"].eq("").any():
+        raise InputError(f"{csv_path}: empty patient_id or study_id; every image needs both (splits "
+                         "keep a patient's images together, studies are scored as a whole)")
+    paths = table["image_path"].map(lambda given: resolve_table_path(csv_path, given))
+    index = {stem: path for stem, path in zip(stems, paths) if path.is_file()}
+    return frame, index
+
+
+def _filestem_of_path(given: str) -> str:
+    """'ward3/2024/IM0001.dcm' -> 'ward3__2024__IM0001': unique per path and safe as a file name."""
+    without_suffix = re.sub(r"\.(png|jpe?g|dcm|dicom)$", "", given.strip().strip("/"), flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", without_suffix.replace("/", "__").replace("\\", "__"))
+
+
+def _flag_column(table: pd.DataFrame, name: str, csv_path: Path) -> pd.Series:
+    """An optional 0/1 column (empty = 0); any other value is an error, not a silent 0."""
+    if name not in table.columns:
+        return pd.Series(0, index=table.index)
+    values = table[name].replace("", "0").map({"0": 0, "1": 1, "0.0": 0, "1.0": 1})
+    if values.isna().any():
+        raise InputError(f"{csv_path}: {name} {table[name][values.isna()].iloc[0]!r}; write 0, 1 or leave it empty")
+    return values.astype(int)
+
+
+# 07's CSV column -> its images column; every one optional (a hospital table has them all).
+PREDICTION_CSV_COLUMNS = {"study_id": "study_id", "patient_id": "patient_id", "laterality": "csv_laterality",
+                          "projection": "csv_projection", "age": "csv_age", "sex": "csv_sex",
+                          "fracture": "label", "boneage": "boneage"}
+
+
+def collect_prediction_inputs(inputs: Sequence[Path]) -> pd.DataFrame:
+    """07's inputs (folders, CSVs, image files) as one row per image: input_path as given, path to
+    read, and the CSV's own values (PREDICTION_CSV_COLUMNS, None where not given)."""
+    rows = []
+    for item in inputs:
+        if item.is_dir():
+            rows += [{"input_path": str(path)} for path in _images_under(item)]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            rows += _prediction_rows_from_csv(item)
+        elif item.is_file():
+            rows.append({"input_path": str(item)})
+        else:
+            raise InputError(f"{item}: no such folder, CSV or image file")
+    if not rows:
+        raise InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
+    frame = pd.DataFrame(rows, columns=["input_path", "path", *PREDICTION_CSV_COLUMNS.values()])
+    frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            path = Path(parent) / name
+            if name.startswith("."):
+                continue
+            # Hospital exports often name DICOM files without an extension (IM000001).
+            if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom(path)):
+                found.append(path)
+    return sorted(found)
+
+
+def _prediction_rows_from_csv(csv_path: Path) -> list[dict]:
+    table = read_table_csv(csv_path)
+    path_column = next((c for c in ("image_path", "path") if c in table.columns), None)
+    if path_column is None:
+        raise InputError(f"{csv_path}: no `image_path` (or `path`) column; the CSV needs one "
+                         f"image path per row, plus optional {', '.join(PREDICTION_CSV_COLUMNS)}")
+    table = table[table[path_column] != ""]
+    _check_prediction_labels(table, csv_path)
+    return [{"input_path": record[path_column],
+             "path": str(resolve_table_path(csv_path, record[path_column])),
+             **{column: record.get(name) or None for name, column in PREDICTION_CSV_COLUMNS.items()}}
+            for record in table.to_dict("records")]
+
+
+def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
+    """Labels are scored, so a bad one is an error, not a skip; scoring needs patients and studies."""
+    if "fracture" in table and not table["fracture"].isin(["0", "1"]).all():
+        bad = table.loc[~table["fracture"].isin(["0", "1"]), "fracture"].iloc[0]
+        raise InputError(f"{csv_path}: fracture {bad!r}; the label must be 0 or 1 on every row")
+    if "boneage" in table and pd.to_numeric(table["boneage"], errors="coerce").isna().any():
+        raise InputError(f"{csv_path}: a boneage value is not a number of months; fill every row")
+    needed = ["patient_id", "study_id"] if "fracture" in table else ["patient_id"] if "boneage" in table else []
+    missing = [c for c in needed if c not in table or table[c].eq("").any()]
+    if missing:
+        raise InputError(f"{csv_path}: labels but no {' and '.join(missing)} on every row; the "
+                         "evaluation resamples patients and scores studies")
 
 
 # RSNA bone age: three published CSV variants, mapped to id / boneage / male.
@@ -624,39 +811,135 @@ def read_raw_image(path: Path) -> np.ndarray:
 
 
 def _read_dicom_pixels(path: Path) -> np.ndarray:
+    """DICOM pixels in display orientation; padding pixels (PixelPaddingValue) become NaN.
+
+    NaN marks "no image here": scale_to_unit leaves them out of the percentiles and paints them
+    black, the letterbox's own background, so a padded border never sets the contrast of the bone.
+    """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     try:
         dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array
-    except Exception as error:  # pydicom raises many types for corrupt or unsupported files
+    except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a corrupt header
+        raise ImageReadError(f"{path}: not a readable DICOM file ({type(error).__name__}: {error})") from None
+    if "PixelData" not in dataset:
+        raise ImageReadError(f"{path}: DICOM without pixel data (a report or plan, not an image); "
+                             "leave it out of the input")
+    frames = _dicom_int(dataset, "NumberOfFrames", 1)
+    if frames > 1:
+        # A radiograph is one frame; guessing which frame of a cine or stack is "the" view would
+        # feed the model an image nobody chose.
+        raise ImageReadError(f"{path}: multi-frame DICOM ({frames} frames); a radiograph has one "
+                             "frame: export each view as its own single-frame file")
+    try:
+        stored = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001 -- decoders raise many types
         raise ImageReadError(f"{path}: cannot decode the DICOM pixels ({type(error).__name__}: "
-                             f"{error}); compressed transfer syntaxes need pylibjpeg or "
-                             "python-gdcm installed") from None
-    if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if pixels.ndim == 3:  # RGB secondary capture
-        pixels = pixels.mean(axis=-1)
+                             f"{' '.join(str(error).split())[:300]}); {_decoder_hint(dataset)}") from None
+    padding = _padding_mask(stored, dataset)
+    pixels = stored.mean(axis=-1) if stored.ndim == 3 else stored  # RGB secondary capture
     pixels = apply_modality_lut(pixels, dataset).astype(np.float32)
     if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
         pixels = apply_voi_lut(pixels, dataset, index=0).astype(np.float32)
-    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    # MONOCHROME1 shows low values bright. PresentationLUTShape INVERSE asks for the same flip;
+    # DX objects set INVERSE together with MONOCHROME1 for one and the same inversion, so the two
+    # are one condition (OR), never two flips.
+    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
+    if photometric == "MONOCHROME1" or str(dataset.get("PresentationLUTShape", "")).upper() == "INVERSE":
         pixels = pixels.max() + pixels.min() - pixels
+    if padding is not None:
+        if padding.all():
+            raise ImageReadError(f"{path}: every pixel equals PixelPaddingValue; no image to read")
+        pixels[padding] = np.nan
     return pixels
 
 
-def read_dicom_tags(path: Path) -> dict:
-    """The few non-identifying tags a hospital run may use: view, age in years, sex.
+def _dicom_int(dataset, keyword: str, default: int) -> int:
+    try:
+        return int(dataset.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
 
+
+def _padding_mask(stored: np.ndarray, dataset) -> np.ndarray | None:
+    """True where the stored value is PixelPaddingValue (or within PixelPaddingRangeLimit)."""
+    if "PixelPaddingValue" not in dataset or stored.ndim != 2:
+        return None
+    first = int(dataset.PixelPaddingValue)
+    last = int(dataset.get("PixelPaddingRangeLimit", first))
+    low, high = min(first, last), max(first, last)
+    return (stored >= low) & (stored <= high)
+
+
+def _decoder_hint(dataset) -> str:
+    """What to do about an undecodable file: install a decoder, or re-export a corrupt one."""
+    from pydicom.pixels import get_decoder
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is None:
+        return "the file has no transfer syntax; re-export it from the PACS"
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:
+        return f"no decoder exists for {syntax.name}; re-export it uncompressed or as JPEG Lossless"
+    if not available:
+        return (f"no decoder installed for {syntax.name}: pip install -r requirements.txt "
+                "(the pylibjpeg plugins)")
+    return f"the {syntax.name} data looks corrupt or truncated; re-export the image from the PACS"
+
+
+# DICOM's DX view codes (CID 4010) for the two modelled projections. pydicom's Code compares
+# SNOMED CT codes with their legacy SRT forms (R-10206 == 399348003), so both spellings match.
+def _view_codes() -> dict[str, list]:
+    from pydicom.sr.codedict import codes
+    return {"AP": [codes.SCT.AnteroPosterior, codes.SCT.PosteroAnterior, codes.SCT.Frontal],
+            "Lat": [codes.SCT.LateralProjection, codes.SCT.RightLateral, codes.SCT.LeftLateral,
+                    codes.SCT.LateralMedial, codes.SCT.MedioLateralProjection]}
+
+
+DICOM_VIEW_POSITIONS = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}
+
+
+def read_dicom_tags(path: Path, study_salt: bytes = b"") -> dict:
+    """The few non-identifying values a hospital run may use: view, age, sex, laterality, study.
+
+    projection   'AP'/'Lat' from ViewPosition, else the ViewCodeSequence; 'other' for a view given
+                 but not modelled (oblique, ...); None when the file gives none
+    view_source  'ViewPosition' or 'ViewCodeSequence'
+    age (years), sex ('M'/'F'), laterality ('L'/'R' from ImageLaterality, else Laterality)
+    study_key    a keyed one-way hash of StudyInstanceUID (see study_key); never the UID itself
     Names, IDs and birth dates are never read into anything the pipeline writes.
     """
     import pydicom
+    from pydicom.sr.coding import Code
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    view = str(getattr(dataset, "ViewPosition", "") or "").upper()
-    projection = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}.get(view)
-    age = _dicom_age_years(str(getattr(dataset, "PatientAge", "") or ""))
-    sex = str(getattr(dataset, "PatientSex", "") or "").upper()
-    return {"projection": projection, "age": age, "sex": sex if sex in ("M", "F") else None}
+    view = str(dataset.get("ViewPosition", "") or "").strip().upper()
+    projection, source = DICOM_VIEW_POSITIONS.get(view, "other" if view else None), "ViewPosition"
+    if projection is None and dataset.get("ViewCodeSequence"):
+        item = dataset.ViewCodeSequence[0]
+        code = Code(str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", "")),
+                    str(item.get("CodeMeaning", "")))
+        source = "ViewCodeSequence"
+        projection = next((name for name, known in _view_codes().items() if code in known), "other")
+    laterality = str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or "").upper()
+    sex = str(dataset.get("PatientSex", "") or "").upper()
+    uid = str(dataset.get("StudyInstanceUID", "") or "")
+    return {"projection": projection, "view_source": source if projection else None,
+            "age": _dicom_age_years(str(dataset.get("PatientAge", "") or "")),
+            "sex": sex if sex in ("M", "F") else None,
+            "laterality": laterality if laterality in ("L", "R") else None,
+            "study_key": study_key(uid, study_salt) if uid else None}
+
+
+def study_key(uid: str, salt: bytes) -> str:
+    """'S' + 16 hex digits of HMAC-SHA256(salt, StudyInstanceUID).
+
+    A plain hash is not enough: UIDs are an organisation root plus a timestamp and a counter, few
+    enough guesses to brute-force. Keyed with a random salt that is made per run and never
+    written, the key groups the images of one run and cannot be traced back to the study.
+    """
+    import hashlib
+    import hmac
+    return "S" + hmac.new(salt, uid.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _dicom_age_years(text: str) -> float | None:
@@ -673,10 +956,14 @@ def scale_to_unit(raw: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5)
     Percentiles rather than min/max: one hot pixel or a burned-in label must not flatten the
     contrast of the bone. A constant image maps to zeros instead of dividing by zero.
     """
-    low, high = np.percentile(raw, [low_pct, high_pct])
+    padded = np.isnan(raw)  # DICOM pixel padding (_read_dicom_pixels): no part of the image
+    if padded.any():
+        low, high = np.percentile(raw[~padded], [low_pct, high_pct])
+    else:
+        low, high = np.percentile(raw, [low_pct, high_pct])
     if high <= low:
         return np.zeros_like(raw, dtype=np.float32)
-    return np.clip((raw - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return np.nan_to_num(np.clip((raw - low) / (high - low), 0.0, 1.0), nan=0.0).astype(np.float32)
 
 
 @dataclass
@@ -962,6 +1249,214 @@ def drop_unreadable(frame: pd.DataFrame, cache: ImageCache, what: str) -> pd.Dat
 
 
 # ------------------------------------------------------------------------------------------------
+# 4b. Fracture models of a run and Grad-CAM++ overlays (06_gradcam and 07_predict)
+# ------------------------------------------------------------------------------------------------
+
+MAX_OVERLAY_SIDE = 1024  # full-size radiographs would make 10 MB PNGs
+
+
+def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], Path]:
+    """{(projection, age group): best.pt} of every model 04 trained, AP before Lat, groups in
+    order; a group 04 skipped has no best.pt. (06 and 07 use this.)"""
+    found = {}
+    for projection in PROJECTIONS:
+        groups = sorted(int(folder.name.removeprefix("group"))
+                        for folder in (Path(fracture_dir) / projection).glob("group*")
+                        if folder.name.removeprefix("group").isdigit())
+        for group in groups:
+            path = Path(fracture_dir) / projection / f"group{group}" / "best.pt"
+            if path.is_file():
+                found[(projection, group)] = path
+    return found
+
+
+def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM++ maps of the fracture logit, [B, S, S] in [0, 1], and the fracture probabilities.
+
+    `squares` are uint8 [B, S, S] from preprocess_image. The model has ONE logit; the
+    target is BinaryClassifierOutputTarget(1), i.e. the logit itself (evidence FOR a fracture),
+    for every image whatever its prediction: a false negative then shows what little fracture
+    evidence the model found, a false positive what misled it. (ClassifierOutputTarget(0) picks the
+    same logit; ClassifierOutputTarget(1) would index past the single output, and the default
+    argmax target is meaningless for one logit.) fp32 without autocast: Grad-CAM++ weights use
+    gradients cubed, which underflow in bf16.
+    """
+    import torch
+    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+    model = model.float().eval()
+    images = prepare_images(torch.from_numpy(np.ascontiguousarray(squares)).unsqueeze(1),
+                                   device, train=False, channels_last=False)
+    cam = GradCAMPlusPlus(model, target_layers_for(model), reshape_transform=reshape_transform_for(model))
+    try:
+        # Not `with cam:` -- its __exit__ swallows IndexError and would hide a wrong target layer.
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                layer_norm_statistics_as_constants(model):
+            maps = cam(images, targets=[BinaryClassifierOutputTarget(1)] * len(images))
+        logits = cam.outputs.detach().float().reshape(len(images), -1)[:, 0]
+    finally:
+        cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+    return maps.astype(np.float32), torch.sigmoid(logits).cpu().numpy()
+
+
+@contextlib.contextmanager
+def layer_norm_statistics_as_constants(model):
+    """Within the block, every LayerNorm passes gradients as if its mean and variance were constants.
+
+    The forward values are unchanged. Why: the LayerNorm between the last stage and the logit
+    (ConvNeXt's head norm after pooling, Swin's final norm) makes the logit invariant to the scale
+    of its input, so the true gradient is orthogonal to the features themselves: for ConvNeXt,
+    gradient x activation then sums to exactly zero over the image, and which part of the map
+    comes out positive is arbitrary (in our tests, the opposite corner to the evidence about half
+    the time). With the statistics held constant the head is linear in the features, each
+    position's share of the logit is exact, and the map follows the evidence; this is the "LN
+    rule" of Ali et al., ICML 2022. LayerNorms before the target layer do not affect its gradient.
+    """
+    import torch
+    from timm.layers import LayerNorm2d
+
+    def hook(module, inputs, output):
+        features = inputs[0]
+        # timm's LayerNorm2d normalises channels (dim 1) of NCHW maps; nn.LayerNorm the last dims.
+        dims = (1,) if isinstance(module, LayerNorm2d) else tuple(range(-len(module.normalized_shape), 0))
+        scale = torch.rsqrt(features.var(dim=dims, keepdim=True, unbiased=False) + module.eps).detach()
+        if module.weight is not None:
+            weight = module.weight.detach()
+            scale = scale * (weight.view(-1, 1, 1) if isinstance(module, LayerNorm2d) else weight)
+        # Value: the LayerNorm's own output. Gradient: weight / std, the statistics held fixed.
+        return output.detach() + (features - features.detach()) * scale
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def target_layers_for(model) -> list:
+    """The last feature stage before pooling, per architecture family (timm models).
+
+    ConvNeXt and ConvNeXtV2 (one timm class): `stages[-1]`, channels-first (B, C, H, W).
+    Swin (v1 and v2): `layers[-1]`, whose output is channels-LAST (B, H, W, C): it needs
+    `reshape_transform_for(model)`, or the CAM would weigh rows of the map as if they were channels.
+    ResNet family (the demo's resnet10t): `layer4[-1]`, the last residual block.
+    """
+    family = _family(model)
+    if family == "convnext":
+        return [model.stages[-1]]
+    if family == "swin":
+        return [model.layers[-1]]
+    return [model.layer4[-1]]
+
+
+def reshape_transform_for(model):
+    """None for channels-first families; `to_channels_first` for Swin's channels-last stages."""
+    return to_channels_first if _family(model) == "swin" else None
+
+
+def _family(model) -> str:
+    from timm.models.convnext import ConvNeXt
+    from timm.models.resnet import ResNet
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    if isinstance(model, ConvNeXt):
+        return "convnext"
+    if isinstance(model, (SwinTransformer, SwinTransformerV2)):
+        return "swin"
+    if isinstance(model, ResNet):
+        return "resnet"
+    raise InputError(f"Grad-CAM++: no target layer known for {type(model).__name__} "
+                            f"({getattr(model, 'arch', '?')}); supported: ConvNeXt/ConvNeXtV2, Swin, "
+                            "ResNet; add the family to common.target_layers_for")
+
+
+def to_channels_first(tensor):
+    """(B, H, W, C) maps or (B, N, C) tokens of a square grid -> (B, C, H, W), as grad-cam expects.
+
+    Token sequences may start with class/register tokens: the N - side**2 leading ones are dropped.
+    """
+    if tensor.ndim == 3:
+        batch, tokens, channels = tensor.shape
+        side = math.isqrt(tokens)
+        tensor = tensor[:, tokens - side * side:].reshape(batch, side, side, channels)
+    if tensor.ndim != 4:
+        raise ValueError(f"expected (B, H, W, C) or (B, N, C) features, got shape {tuple(tensor.shape)}")
+    return tensor.permute(0, 3, 1, 2)
+
+
+def caption(prob: float, threshold: float, label: int | None = None, outcome: str | None = None) -> str:
+    """'fracture p=0.834 (threshold 0.412) | label 1 | TP'; without a label (07) the prediction.
+
+    Three decimals: near the threshold two would print p=0.55 (threshold 0.55) for a miss.
+    """
+    text = f"fracture p={prob:.3f} (threshold {threshold:.3f})"
+    if label is None:
+        return f"{text} | predicted {'fracture' if prob >= threshold else 'no fracture'}"
+    return f"{text} | label {int(label)}" + (f" | {outcome}" if outcome else "")
+
+
+def render_overlay(image_path, cam_square: np.ndarray, box: Letterbox, text: str,
+                   max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
+    """RGB uint8: the map on the original image (letterbox undone), with `text` in a banner on top."""
+    unit = scale_to_unit(read_raw_image(Path(image_path)))
+    return add_caption(overlay_on_original(unit, cam_square, box, max_side), text)
+
+
+def overlay_on_original(unit_image: np.ndarray, cam_square: np.ndarray, box: Letterbox,
+                        max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
+    """Cut the image region out of the padded-square CAM, resize it to the original height x width
+    (shrunk so the longest side is <= max_side), and blend a colour map over the grey image.
+
+    `unit_image` is the original in [0, 1] (scale_to_unit), the same pixels the letterbox
+    was made from; returns RGB uint8 of the original's shape (or its shrunk copy).
+    """
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    if unit_image.shape != (box.height, box.width):
+        raise ValueError(f"image {unit_image.shape} does not match its letterbox ({box.height}, {box.width})")
+    region = cam_square[box.region]
+    shrink = min(1.0, max_side / max(box.height, box.width))
+    size = (max(1, round(box.width * shrink)), max(1, round(box.height * shrink)))  # cv2: (w, h)
+    cam = np.clip(cv2.resize(region.astype(np.float32), size, interpolation=cv2.INTER_LINEAR), 0, 1)
+    grey = unit_image if shrink == 1.0 else cv2.resize(unit_image, size, interpolation=cv2.INTER_AREA)
+    rgb = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.6)
+
+
+def add_caption(rgb: np.ndarray, text: str) -> np.ndarray:
+    """A black banner above the image with the caption in white; its ' | ' parts wrap onto more
+    lines when one line would be too small to read on a narrow image."""
+    import cv2
+    font, width = cv2.FONT_HERSHEY_SIMPLEX, rgb.shape[1]
+    usable = 0.96 * width
+    lines = [text]
+    if cv2.getTextSize(text, font, 1.0, 1)[0][0] * 0.5 > usable:
+        lines = text.split(" | ")
+    widest = max(cv2.getTextSize(line, font, 1.0, 1)[0][0] for line in lines)
+    line_h = cv2.getTextSize("Ag", font, 1.0, 1)[0][1]
+    scale = min(1.0, usable / widest)
+    thickness = 2 if scale > 0.7 else 1
+    step = int(line_h * scale * 1.8) + 2
+    banner = np.zeros((step * len(lines) + 4, width, 3), dtype=np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(banner, line, (max(2, int(0.02 * width)), step * i + int(step * 0.75) + 2), font,
+                    scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return np.concatenate([banner, rgb], axis=0)
+
+
+def write_png(rgb: np.ndarray, path: Path) -> Path:
+    import cv2
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------
 # 5. Models and losses
 # ------------------------------------------------------------------------------------------------
 
@@ -991,6 +1486,11 @@ def check_training_args(args: argparse.Namespace) -> None:
     check_architecture(args.arch)
     resolve_device(args.device)
     _check_weights_file(args.pretrained, args.arch)
+    if getattr(args, "init_from", None):
+        trained_as = load_checkpoint(Path(args.init_from)).get("arch")  # readable, weights_only
+        if trained_as and trained_as != args.arch:
+            raise InputError(f"--init-from {args.init_from}: trained as {trained_as}, this run builds "
+                             f"{args.arch}; pass --arch {trained_as}")
 
 
 def _check_weights_file(pretrained: str | None, arch: str) -> None:
@@ -1414,36 +1914,6 @@ def load_checkpoint(path: Path) -> dict:
                          "delete it and retrain") from None
 
 
-def load_init_weights(model, path: Path) -> dict:
-    """Start `model` from a checkpoint this project wrote (best.pt: `state_dict`; last.pt: `model`).
-
-    Every tensor whose name and shape match is copied; a classifier head of another size (4 age
-    groups -> 1 fracture logit) is skipped and reported in one line. Fewer than half the model's
-    tensors matching means another architecture: an error, not a silent near-random start.
-    Returns the checkpoint dict.
-    """
-    import torch
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    weights = checkpoint.get("state_dict", checkpoint.get("model")) if isinstance(checkpoint, dict) else None
-    if not isinstance(weights, dict):
-        raise InputError(f"{path}: no `state_dict` or `model` weights in this checkpoint; give a "
-                         "best.pt or last.pt written by 03/04/05")
-    own = model.state_dict()
-    matched = {k: v for k, v in weights.items()
-               if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
-    if not matched or len(matched) < len(own) / 2:
-        raise InputError(f"{path}: only {len(matched)} of {len(own)} weights match this model's names "
-                         f"and shapes (checkpoint arch {checkpoint.get('arch', '?')}); give a checkpoint "
-                         "of the same --arch")
-    model.load_state_dict(matched, strict=False)
-    skipped = sorted(k for k in own if k not in matched)
-    log(f"initialised {len(matched)}/{len(own)} weights from {path}"
-        + (f"; kept {len(skipped)} new ({', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})"
-           if skipped else ""))
-    return checkpoint
-
-
 def weights_fingerprint(state_dict: dict) -> str:
     """A short hash of a state_dict's tensors (names, shapes, values): recorded in a fine-tuned
     model's checkpoint so that it resumes only from the same starting weights."""
@@ -1473,6 +1943,34 @@ def load_trained_model(path: Path, device="cpu"):
                              image_size=checkpoint.get("image_size"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint
+
+
+def load_init_weights(model, path) -> dict:
+    """Start `model` from a checkpoint of this project (fine-tuning, e.g. a GRAZPEDWRI-DX model on a
+    hospital's images): copy every tensor whose name and shape match; return the checkpoint.
+
+    best.pt holds the weights under `state_dict`, last.pt under `model`; loaded with
+    weights_only=True. A head of another size (4 age groups -> 1 fracture logit) is skipped and
+    said in one log line. Fewer than half of the model's tensors matching means another
+    architecture: an error, because a model silently left mostly random is not a fine-tune.
+    """
+    checkpoint = load_checkpoint(Path(path))
+    weights = checkpoint.get("state_dict", checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise InputError(f"{path}: no model weights in it (no state_dict or model key); give the "
+                         "best.pt or last.pt of a 03/04/05 run")
+    own = model.state_dict()
+    matching = {name: tensor for name, tensor in weights.items()
+                if name in own and hasattr(tensor, "shape") and tuple(tensor.shape) == tuple(own[name].shape)}
+    if not matching or len(matching) < len(own) / 2:
+        raise InputError(f"{path}: only {len(matching)} of the model's {len(own)} tensors match by name and "
+                         f"shape (trained as {checkpoint.get('arch', '?')}); pass --arch "
+                         f"{checkpoint.get('arch', 'of that run')} or another checkpoint")
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(name for name in own if name not in matching)
+    log(f"init from {path}: {len(matching)} of {len(own)} tensors loaded"
+        + (f"; kept fresh (shape or name differs): {', '.join(skipped)}" if skipped else ""))
+    return checkpoint
 
 
 class CachedImageDataset:
@@ -2430,3 +2928,142 @@ def log_mlflow_run(mlflow, *, history_csv: Path | None = None, metrics: dict | N
     for file in files:
         if Path(file).is_file():
             mlflow.log_artifact(str(file), artifact_path=artifact_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. External validation: a run's models on a hospital's labelled images (07_predict)
+# ------------------------------------------------------------------------------------------------
+
+EVALUATION_SUBGROUPS = ["projection", "age_group_name", "age_group_source", "sex", "laterality"]
+
+
+def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, *, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Score predictions against a hospital's labels with the shared metric functions (as 04).
+
+    `images`: one row per labelled input image: label (fracture 0/1) and/or boneage (months),
+    patient_id, study_id, laterality, fracture_prob, fracture_pred (at the model's stored
+    threshold), threshold, model, bone_age_months, and the subgroup columns. Images without a
+    prediction are in `skipped` and counted in the report (leaving them out silently would flatter
+    every figure). The thresholds are the ones 04 chose on ITS validation set: nothing here is
+    tuned on the hospital's data. Intervals resample patients. Writes evaluation.json,
+    EVALUATION.md and, for fractures, subgroups.csv, roc.png, pr.png, reliability.png.
+    """
+    fractures = images[images["label"].notna() & images["fracture_prob"].notna()] if "label" in images else images[:0]
+    hands = (images[images["boneage"].notna() & images["bone_age_months"].notna()]
+             if {"boneage", "bone_age_months"} <= set(images) else images[:0])
+    if fractures.empty and hands.empty:
+        raise InputError(f"{out_dir}: no labelled image got a prediction ({len(skipped)} skipped, see "
+                         "skipped.csv); nothing to evaluate")
+    result = {"n_skipped": int(len(skipped)),
+              "skipped_reasons": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()}}
+    subgroups = pd.DataFrame()
+    if not fractures.empty:
+        result.update(_fracture_evaluation(fractures, n_boot, seed, out_dir))
+        subgroups = _subgroup_table(fractures, n_boot, seed)
+        write_csv(subgroups, out_dir / "subgroups.csv")
+    if not hands.empty:
+        result["boneage"] = _bone_age_error(hands, n_boot, seed)
+        result.setdefault("n_images", int(len(hands)))
+        result.setdefault("n_patients", int(hands["patient_id"].nunique()))
+    write_json(result, out_dir / "evaluation.json")
+    with atomic_path(out_dir / "EVALUATION.md") as tmp:
+        tmp.write_text(_evaluation_markdown(result, subgroups))
+    return result
+
+
+def _fracture_evaluation(images: pd.DataFrame, n_boot: int, seed: int, out_dir: Path) -> dict:
+    """Image and study metrics, calibration and the figures of the fracture predictions."""
+    labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
+    patients = images["patient_id"].astype(str).to_numpy()
+    studies = study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int),
+                                        fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
+    studies = studies.astype({"label": int, "prob": float, "decision": int})
+    plot_roc(labels, probs, out_dir / "roc.png", "external validation, images")
+    plot_pr(labels, probs, out_dir / "pr.png", "external validation, images")
+    plot_reliability({"images": (labels, probs), "studies": (studies["label"].to_numpy(),
+                                                             studies["prob"].to_numpy())},
+                     out_dir / "reliability.png", "calibration (external)")
+    return {
+        "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
+        "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
+                                              studies["patient_id"].astype(str), n_boot, seed),
+        "n_images": int(len(images)), "n_patients": int(len(set(patients))), "n_studies": int(len(studies)),
+        "thresholds": {str(m): float(t) for m, t in images.groupby("model")["threshold"].first().items()},
+        "calibration": {"image": calibration_metrics(labels, probs),
+                        "study": calibration_metrics(studies["label"], studies["prob"])},
+    }
+
+
+def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int, seed: int) -> dict:
+    """binary_metrics_with_ci where each image was decided at ITS model's threshold.
+
+    AP and Lat (and each age group) have their own threshold, so one cut on the pooled
+    probabilities would not be the deployed decision: AUC ranks the probabilities, every
+    threshold metric counts the stored 0/1 decisions.
+    """
+    result = binary_metrics_with_ci(labels, probs, patients, float("nan"), n_boot=n_boot, seed=seed,
+                                    decisions=np.asarray(decisions, dtype=int))
+    result["threshold"] = "stored per model"
+    return result
+
+
+def _bone_age_error(known: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    true, predicted = known["boneage"].astype(float).to_numpy(), known["bone_age_months"].astype(float).to_numpy()
+    low, high = bootstrap_ci(mean_absolute_error, true, predicted, known["patient_id"].astype(str), n_boot, seed)
+    return {"n": int(len(known)), "mae": mean_absolute_error(true, predicted), "mae_lo": low, "mae_hi": high}
+
+
+def _subgroup_table(images: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    rows = []
+    for column in [c for c in EVALUATION_SUBGROUPS if c in images and images[c].notna().any()]:
+        for value, part in images.groupby(images[column].fillna("unknown").astype(str), sort=True):
+            metrics = metrics_at_stored_thresholds(part["label"].astype(int), part["fracture_prob"].astype(float),
+                                                   part["fracture_pred"], part["patient_id"].astype(str),
+                                                   n_boot, seed)
+            rows.append({"subgroup": column, "value": value, **{k: metrics[k] for k in (
+                "n", "n_pos", "auc", "auc_lo", "auc_hi", "sensitivity", "sensitivity_lo", "sensitivity_hi",
+                "specificity", "specificity_lo", "specificity_hi")}})
+    return pd.DataFrame(rows)
+
+
+def _with_ci(metrics: dict, name: str) -> str:
+    value = metrics.get(name)
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3f} [{metrics[f'{name}_lo']:.3f}, {metrics[f'{name}_hi']:.3f}]"
+
+
+def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
+    names = ["auc", "sensitivity", "specificity", "ppv", "npv"]
+    lines = ["# External validation", "",
+             f"{result['n_images']} images of {result['n_patients']} patients were scored; "
+             f"{result['n_skipped']} labelled images got no prediction "
+             f"({', '.join(f'{n} {r}' for r, n in result['skipped_reasons'].items()) or 'none'}).", ""]
+    if "boneage" in result:
+        lines += [f"Bone age: MAE {_with_ci(result['boneage'], 'mae')} months on {result['boneage']['n']} images.", ""]
+    if "image" not in result:
+        return "\n".join(lines)
+    lines += [f"Fractures: {result['n_images']} images in {result['n_studies']} studies.",
+             "Each image is decided at the threshold its model's training run chose on its own validation "
+             "set (nothing is tuned on these images). A study is scored by its most suspicious image and is "
+             "positive when any image is. Brackets: 95% intervals from resampling patients.", "",
+             "| level | n (positive) | " + " | ".join(n.upper() if len(n) == 3 else n for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for level in ("image", "study"):
+        metrics = result[level]
+        lines.append(f"| {level} | {metrics['n']} ({metrics['n_pos']}) | "
+                     + " | ".join(_with_ci(metrics, n) for n in names) + " |")
+    calibration = result["calibration"]
+    lines += ["", f"Calibration: Brier {calibration['image']['brier']:.3f} (images), "
+                  f"{calibration['study']['brier']:.3f} (studies); ECE {calibration['image']['ece']:.3f} (images).",
+              ""]
+    if not subgroups.empty:
+        lines += ["## Subgroups (images)", "", "| subgroup | value | n (positive) | AUC | sensitivity | specificity |",
+                  "|---|---|---|---|---|---|"]
+        for row in subgroups.to_dict("records"):
+            lines.append(f"| {row['subgroup']} | {row['value']} | {row['n']} ({row['n_pos']}) | "
+                         f"{_with_ci(row, 'auc')} | {_with_ci(row, 'sensitivity')} | {_with_ci(row, 'specificity')} |")
+        lines.append("")
+    lines += ["![ROC](roc.png) ![PR](pr.png) ![reliability](reliability.png)", ""]
+    return "\n".join(lines)

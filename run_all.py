@@ -208,7 +208,8 @@ def _fingerprint(stage: Stage, command: list[str], args) -> str:
     sources = [args.out / name for track in args.tracks for name in stage.inputs.get(track, [])]
     if stage.name == "01":
         if args.data is not None:
-            sources.append(args.data / "dataset.csv")
+            # A hospital table is the CSV itself (its images are hashed by the cache, not here).
+            sources.append(args.data if common.is_hospital_table(args.data) else args.data / "dataset.csv")
         if args.boneage_data is not None:
             sources.append(common.find_boneage_csv(args.boneage_data))
     for path in [*sources, common.ROOT / stage.script, common.ROOT / "common.py"]:

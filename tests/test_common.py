@@ -167,7 +167,7 @@ def test_monochrome1_dicom_is_inverted_bone_bright():
 
 def test_dicom_tags_are_non_identifying():
     tags = common.read_dicom_tags(cr_dicom())
-    assert set(tags) == {"projection", "age", "sex"}
+    assert set(tags) == {"projection", "view_source", "age", "sex", "laterality", "study_key"}
     assert tags["projection"] == "AP"
     assert common._dicom_age_years("011Y") == 11 and common._dicom_age_years("006M") == 0.5
 

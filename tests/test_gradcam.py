@@ -120,11 +120,11 @@ def test_convnext_cam_points_at_the_evidence(gradcam):
     model = common.create_model("convnext_atto", num_classes=1, depths=(1, 1, 1, 1),
                                 dims=(16, 24, 32, 48), output_stride=8)
     model = train_until_separated(model, lr=1e-3)
-    assert gradcam.target_layers_for(model) == [model.stages[-1]]
-    assert gradcam.reshape_transform_for(model) is None
+    assert common.target_layers_for(model) == [model.stages[-1]]
+    assert common.reshape_transform_for(model) is None
 
     images, truth = probe_images()
-    cams, probs = gradcam.grad_cam_plus_plus(model, images, torch.device("cpu"))
+    cams, probs = common.grad_cam_plus_plus(model, images, torch.device("cpu"))
     assert cams.shape == (8, SIZE, SIZE) and cams.min() >= 0 and cams.max() == pytest.approx(1.0)
     assert hottest_quadrants(cams) == truth
     with torch.no_grad():
@@ -138,36 +138,36 @@ def test_swin_cam_points_at_the_evidence(gradcam, monkeypatch):
                                 window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2),
                                 drop_path_rate=0.0)
     model = train_until_separated(model, lr=2e-3)
-    assert gradcam.target_layers_for(model) == [model.layers[-1]]
-    assert gradcam.reshape_transform_for(model) is gradcam.to_channels_first
+    assert common.target_layers_for(model) == [model.layers[-1]]
+    assert common.reshape_transform_for(model) is common.to_channels_first
 
     images, truth = probe_images()
-    cams, _ = gradcam.grad_cam_plus_plus(model, images, torch.device("cpu"))
+    cams, _ = common.grad_cam_plus_plus(model, images, torch.device("cpu"))
     assert hottest_quadrants(cams) == truth
 
     # The control: Swin's stage output is channels-LAST; read as channels-first (the original
     # code's mistake) the map no longer follows the blob.
-    monkeypatch.setattr(gradcam, "reshape_transform_for", lambda model: None)
-    wrong, _ = gradcam.grad_cam_plus_plus(model, images, torch.device("cpu"))
+    monkeypatch.setattr(common, "reshape_transform_for", lambda model: None)
+    wrong, _ = common.grad_cam_plus_plus(model, images, torch.device("cpu"))
     assert sum(a == b for a, b in zip(hottest_quadrants(wrong), truth)) <= 4
 
 
 def test_target_layers_for_each_family(gradcam):
     convnextv2 = common.create_model("convnextv2_atto", num_classes=1)
-    assert gradcam.target_layers_for(convnextv2) == [convnextv2.stages[-1]]
+    assert common.target_layers_for(convnextv2) == [convnextv2.stages[-1]]
     resnet = common.create_model("resnet10t", num_classes=1)
-    assert gradcam.target_layers_for(resnet) == [resnet.layer4[-1]]
-    assert gradcam.reshape_transform_for(resnet) is None
+    assert common.target_layers_for(resnet) == [resnet.layer4[-1]]
+    assert common.reshape_transform_for(resnet) is None
     with pytest.raises(common.InputError, match="no target layer known for EfficientNet"):
-        gradcam.target_layers_for(common.create_model("test_efficientnet", num_classes=1))
+        common.target_layers_for(common.create_model("test_efficientnet", num_classes=1))
 
 
 def test_channels_last_maps_and_token_sequences_become_channels_first(gradcam):
     nhwc = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
-    assert torch.equal(gradcam.to_channels_first(nhwc), nhwc.permute(0, 3, 1, 2))
+    assert torch.equal(common.to_channels_first(nhwc), nhwc.permute(0, 3, 1, 2))
     grid = torch.randn(2, 4, 4, 8)
     tokens = torch.cat([torch.full((2, 1, 8), 99.0), grid.reshape(2, 16, 8)], dim=1)  # + class token
-    assert torch.equal(gradcam.to_channels_first(tokens), grid.permute(0, 3, 1, 2))
+    assert torch.equal(common.to_channels_first(tokens), grid.permute(0, 3, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,20 +194,20 @@ def test_overlay_undoes_the_letterbox(gradcam, tmp_path):
     padding_only = np.ones((SIZE, SIZE), dtype=np.float32)
     padding_only[box.top:box.top + region_h, box.left:box.left + region_w] = 0.0
     assert (square[padding_only == 1] == 0).all()  # it really is the black padding
-    overlay = gradcam.overlay_on_original(unit, padding_only, box)
-    blank = gradcam.overlay_on_original(unit, np.zeros((SIZE, SIZE), np.float32), box)
+    overlay = common.overlay_on_original(unit, padding_only, box)
+    blank = common.overlay_on_original(unit, np.zeros((SIZE, SIZE), np.float32), box)
     assert overlay.shape == (150, 90, 3) and overlay.dtype == np.uint8
     assert np.array_equal(overlay, blank)
 
     # A map hot on the image's top-left corner colours the original's top-left corner.
     corner = np.zeros((SIZE, SIZE), dtype=np.float32)
     corner[box.top:box.top + 16, box.left:box.left + 10] = 1.0
-    hot = gradcam.overlay_on_original(unit, corner, box).astype(int)
+    hot = common.overlay_on_original(unit, corner, box).astype(int)
     red_minus_blue = hot[..., 0] - hot[..., 2]  # the jet colour map: 1 is red, 0 is blue
     assert red_minus_blue[:30, :20].mean() > 30 and red_minus_blue[60:, 40:].mean() < -30
 
     # The caption goes in a banner above the image, not over it.
-    captioned = gradcam.add_caption(overlay, gradcam.caption(0.8123, 0.41, label=1, outcome="TP"))
+    captioned = common.add_caption(overlay, common.caption(0.8123, 0.41, label=1, outcome="TP"))
     assert captioned.shape[1] == 90 and captioned.shape[0] > 150
     assert np.array_equal(captioned[-150:], overlay)
 
@@ -215,7 +215,7 @@ def test_overlay_undoes_the_letterbox(gradcam, tmp_path):
 def test_overlay_of_a_large_image_is_shrunk(gradcam):
     unit = np.random.default_rng(0).random((2400, 1200), dtype=np.float32)
     square, box = common.letterbox(unit, SIZE)
-    overlay = gradcam.overlay_on_original(unit, np.zeros((SIZE, SIZE), np.float32), box)
+    overlay = common.overlay_on_original(unit, np.zeros((SIZE, SIZE), np.float32), box)
     assert overlay.shape == (1024, 512, 3)
 
 

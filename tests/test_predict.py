@@ -109,11 +109,16 @@ def test_folder_and_dicom_with_router_and_counted_skips(predict, models, tmp_pat
 
     table, skipped = run(predict, [folder, dicom], models, tmp_path / "out", "--projection", "Lat")
     assert table.columns.tolist() == IMAGE_COLUMNS
-    assert (table["level"] == "image").all() and len(table) == 6
+    # The DICOM is one study of its own (its Study Instance UID, hashed), the PNGs have none.
+    assert table["level"].tolist().count("image") == 6 and table["level"].tolist().count("study") == 1
+    study = table[table["level"] == "study"].iloc[0]
+    table = table[table["level"] == "image"]
     check_image_rows(table)
     by_name = table.set_index(table["input_path"].map(lambda p: Path(p).name))
     # The DICOM's ViewPosition (AP) wins over --projection; the PNGs have only the flag.
     assert by_name.loc["cr_scan.dcm", ["projection", "projection_source"]].tolist() == ["AP", "dicom"]
+    assert by_name.loc["cr_scan.dcm", "laterality"] == "R" and study["laterality"] == "R"
+    assert study["study_id"] == by_name.loc["cr_scan.dcm", "study_id"] and study["n_images"] == 1
     pngs = by_name.drop(index="cr_scan.dcm")
     assert (pngs["projection"] == "Lat").all() and (pngs["projection_source"] == "flag").all()
     # No age anywhere (the DICOM has no PatientAge): the router's group 1 for all.
@@ -123,7 +128,7 @@ def test_folder_and_dicom_with_router_and_counted_skips(predict, models, tmp_pat
                                            "reason": "unreadable image", "detail": skipped["detail"][0]}]
     assert "cannot decode" in skipped["detail"][0]
     output = capsys.readouterr().out
-    assert "predicted 6 images; skipped 1 (1 unreadable image)" in output
+    assert "predicted 6 images and 1 studies; skipped 1 (1 unreadable image)" in output
     assert "Traceback" not in output
 
     # Nothing that identifies the patient leaves the hospital's DICOM.
@@ -193,6 +198,7 @@ def test_dicom_age_is_used_and_flags_only_fill_gaps(predict, models, tmp_path):
     dataset.PatientAge = "012Y"
     dataset.save_as(tmp_path / "aged.dcm")
     table, _ = run(predict, [tmp_path / "aged.dcm"], models, tmp_path / "out", "--age", "7", "--projection", "Lat")
+    table = table[table["level"] == "image"]
     assert table[["projection", "projection_source", "age_group", "age_group_source"]].values.tolist() == [
         ["AP", "dicom", 2, "given"]]  # 12 years from the header, not --age 7; AP from the header
 
@@ -241,7 +247,7 @@ def test_bad_inputs_fail_in_one_line(predict, models, tmp_path):
     with pytest.raises(common.InputError, match="04_train_fracture_ddp.py"):
         predict.main([str(image), "--models", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     (tmp_path / "bad.csv").write_text("file,age\nwrist.png,3\n")
-    with pytest.raises(common.InputError, match="no `path`"):
+    with pytest.raises(common.InputError, match="no `image_path`"):
         predict.main([str(tmp_path / "bad.csv"), "--models", str(models), "--out", str(tmp_path / "o")])
     no_boneage = tmp_path / "no_boneage"
     shutil.copytree(models / "fracture", no_boneage / "fracture")
