@@ -87,7 +87,8 @@ def test_two_rank_gloo_run_partitions_the_epoch(split_out, tmp_path):
     """torchrun, 2 CPU processes: disjoint draws, the intended epoch covered once, same metrics as 1 process."""
     out, flags = split_out
     common_flags = [*flags[:4], "--preset", "demo", *FAST, "--projections", "AP", "--groups", "2",
-                    "--epochs", "2", "--sampler", "none", "--min-epoch-samples", "0", "--bootstrap", "50"]
+                    "--epochs", "2", "--sampler", "none", "--min-epoch-samples", "0", "--bootstrap", "50",
+                    "--init", "scratch"]  # the pooled start on 2 ranks: test_subtle_training.py
     one = _copy_splits(out, tmp_path / "one")
     load_stage("04_train_fracture_ddp").main([*common_flags, "--out", str(one)])
     two = _copy_splits(out, tmp_path / "two")
