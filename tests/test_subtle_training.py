@@ -2,6 +2,7 @@
 ablation, small-group threshold and the resume of fine-tuned runs."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -244,3 +245,22 @@ def test_init_file_must_exist(splits, tmp_path):
     with pytest.raises(common.InputError, match="--init missing.pt: checkpoint not found"):
         load_stage("04_train_fracture_ddp").main([*flags[:4], "--out", str(_fresh(out, tmp_path / "x")),
                                                   "--init", "missing.pt", "--epochs", "1"])
+
+
+def test_pooled_start_on_two_ranks(splits, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the pooled model, then group 2 fine-tuned from its best.pt."""
+    out, flags = splits
+    run_out = _fresh(out, tmp_path / "two")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PIPELINE_CRASH_AFTER_EPOCH", None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "04_train_fracture_ddp.py", *flags[:4], "--out", str(run_out), "--preset", "demo", *TINY,
+                          "--projections", "AP", "--groups", "2", "--epochs", "1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    fracture = run_out / "fracture"
+    assert (fracture / "summary.csv").is_file(), run.stdout[-2000:] + run.stderr[-2000:]
+    pooled = torch.load(fracture / "AP" / "pooled" / "best.pt", weights_only=True)
+    meta = torch.load(fracture / "AP" / "group2" / "last.pt", weights_only=True)["meta"]
+    assert meta["init"] == f"pooled:{common.weights_fingerprint(pooled['state_dict'])}"
+    assert json.loads((fracture / "AP" / "group2" / "sample_audit.json").read_text())["world_size"] == 2
+    assert set(pd.read_csv(fracture / "ablation.csv")["arm"]) == {"pooled", "from_pooled"}
