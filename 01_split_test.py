@@ -125,7 +125,7 @@ def split_wrist(args) -> dict:
     total_rows = len(wrist) + sum(excluded.values())
     common.log(f"wrist: {len(wrist)} images of {wrist['patient_id'].nunique()} patients kept; "
                f"{common.format_exclusions(excluded, total_rows)}")
-    if index.duplicates:
+    if index is not None and index.duplicates:
         common.log(f"wrist: {index.duplicate_line(args.data)}")
     wrist = common.sort_wrist(common.add_age_columns(wrist, args.age_edges))
 
@@ -164,7 +164,7 @@ def split_boneage(args) -> dict:
         source_csv = common.find_boneage_csv(args.boneage_data)
     index = common.index_images(source_csv.parent)
     boneage, excluded = common.read_boneage_metadata(source_csv, image_index=index)
-    if index.duplicates:
+    if index is not None and index.duplicates:
         common.log(f"bone age: {index.duplicate_line(source_csv.parent)}")
     boneage = common.add_boneage_bin(boneage)
     if args.boneage_test_csv is not None:
@@ -181,7 +181,10 @@ def split_boneage(args) -> dict:
 
 
 def _duplicates(index) -> dict:
-    """Stems found more than once: counted in the report with a few examples."""
+    """Stems found more than once: counted in the report with a few examples (a hospital table
+    names each image by its path, so it has no index and no duplicate stems)."""
+    if index is None:
+        return {"stems": 0, "ignored_files": 0, "examples": {}}
     examples = {stem: [str(index[stem]), *map(str, others)]
                 for stem, others in sorted(index.duplicates.items())[:5]}
     return {"stems": len(index.duplicates), "ignored_files": sum(map(len, index.duplicates.values())),

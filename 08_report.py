@@ -48,6 +48,7 @@ def write_report(out: Path) -> Path:
              "Brackets are patient-bootstrap 95% intervals.", ""]
     lines += _report_splits(out) + _report_age(out) + _report_fracture(out)
     lines += _report_operating_points(out) + _report_calibration(out) + _report_subgroups(out)
+    lines += _report_ablation(out)
     lines += _report_boneage(out) + _report_gradcam(out) + _report_commands(out)
     with common.atomic_path(out / "REPORT.md") as tmp:
         tmp.write_text("\n".join(lines))
@@ -195,6 +196,26 @@ def _report_subgroups(out: Path) -> list[str]:
     for row in subgroups.to_dict("records"):
         lines.append(f"| {row['subgroup']} | {row['value']} | {int(row['n'])} ({int(row['n_pos'])}) | "
                      f"{with_ci(row, 'auc')} | {with_ci(row, 'sensitivity')} | {with_ci(row, 'specificity')} |")
+    return lines + [""]
+
+
+def _report_ablation(out: Path) -> list[str]:
+    """04's ablation.csv: do per-group models earn their keep over the pooled model?"""
+    path = out / "fracture" / "ablation.csv"
+    if not path.is_file():
+        return []
+    ablation = pd.read_csv(path)
+    arms = [arm for arm in ("pooled", "scratch", "from_pooled", "from_file") if arm in set(ablation["arm"])]
+    lines = ["### Pooled start against per-group models (ablation)", "",
+             "Test AUC on the same images: `pooled` is one model per projection trained on every age "
+             "group, `scratch` per-group models from random weights, `from_pooled` per-group models "
+             "fine-tuned from the pooled one (the default). `04_train_fracture_ddp.py --ablation` "
+             "trains the arm the run itself did not.", "",
+             "| scope | n | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+    for scope, rows in ablation.groupby("scope", sort=False):
+        by_arm = {row["arm"]: row for row in rows.to_dict("records")}
+        lines.append(f"| {scope} | {int(rows['n'].iloc[0])} | "
+                     + " | ".join(with_ci(by_arm[arm], "auc") if arm in by_arm else "" for arm in arms) + " |")
     return lines + [""]
 
 

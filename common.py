@@ -1171,7 +1171,10 @@ def _decode_into(array_path: Path, order: list[str], first_row: int, size: int,
         # name for a new file, and a kept mapping would write its pixels into the old one.
         _WORKER_ARRAYS.pop(str(array_path)).flush()
         return errors
-    context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    # Not "fork": a process that already runs torch (threads, a gloo group) can fork a child that
+    # hangs on a lock another thread held (seen in the test suite). A fork server starts clean.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         results = pool.map(_decode_job, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
         for path, error in progress(results, total=len(jobs), desc="decode images", unit="img"):

@@ -193,9 +193,12 @@ def test_images_carry_the_labelled_signals(make_demo):
 
     left = wrist_task()
     assert np.array_equal(wrist_task(side="R"), left[:, ::-1])
-    broken = wrist_task(fracture=True, ao_code="23r-M/2.1").astype(float)
+    broken = wrist_task(fracture=True, ao_code="23r-M/3.1").astype(float)  # complete: drawn obvious
     changed = np.abs(broken - left) > 4_000
     assert changed.sum() > 100, "a fracture must visibly change the image"
+    # A torus/buckle fracture (M/2) is drawn subtle: a faint change, far smaller than an obvious break.
+    buckle = np.abs(wrist_task(fracture=True, ao_code="23r-M/2.1").astype(float) - left)
+    assert 0 < (buckle > 1_000).sum() < changed.sum() / 10 and (buckle > 300).sum() > 100
     assert not np.array_equal(wrist_task(age=3.0), wrist_task(age=16.0))
     assert wrist_task(projection=2).shape == left.shape  # same framing draws, other anatomy
     assert not np.array_equal(wrist_task(projection=2), left)

@@ -234,7 +234,7 @@ def test_fine_tuned_model_resumes_and_a_changed_start_does_not(splits, tmp_path)
     common.save_checkpoint(changed, tmp_path / "other_start.pt")
     fourth = _run_04(run_out, flags, ["--init", str(tmp_path / "other_start.pt")])
     assert fourth.returncode == 0, fourth.stderr[-2000:]
-    assert f"{group_dir / 'last.pt'}: written with other settings" in fourth.stdout
+    assert f"{group_dir / 'last.pt'}: written by other settings; training from scratch" in fourth.stdout
     assert torch.load(group_dir / "last.pt", weights_only=True)["meta"]["init"].startswith("other_start.pt:")
     summary = pd.read_csv(run_out / "fracture" / "summary.csv")
     assert "pooled" not in set(summary["kind"])  # --init FILE trains no pooled model

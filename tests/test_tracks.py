@@ -70,8 +70,8 @@ def test_bone_age_track_alone_then_07_predicts_bone_age(small_demo, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "the wrist track (03, 04, 06) skipped: no --data given" in result.stdout
     assert [line.split("]")[0] for line in result.stdout.splitlines() if "] $ " in line] == \
-        ["[stage 01", "[stage 02", "[stage 05"]
-    assert (out / "boneage" / "metrics.json").is_file()
+        ["[stage 01", "[stage 02", "[stage 05", "[stage 08"]
+    assert (out / "boneage" / "metrics.json").is_file() and "MAE (months)" in (out / "REPORT.md").read_text()
     assert not (out / "age").exists() and not (out / "fracture").exists()
 
     hands = sorted((small_demo / "rsna_boneage").rglob("*.png"))[:4]

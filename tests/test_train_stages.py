@@ -101,14 +101,6 @@ def _torchrun(script: str, flags: list[str], *, env_extra: dict | None = None, n
     return _run(command, {"OMP_NUM_THREADS": "1", **(env_extra or {})}, timeout=timeout)
 
 
-def _copy_run(source: Path, target: Path) -> Path:
-    """The splits, and the image cache when there is one (decoding is not what these tests test)."""
-    _copy_splits(source, target)
-    if (source / "cache").is_dir():
-        shutil.copytree(source / "cache", target / "cache")
-    return target
-
-
 def _assert_partitioned(audit: dict, world_size: int, shares: list[int]) -> None:
     """Rank 0's record of one epoch: disjoint draws, each rank its share of every global batch."""
     assert audit["world_size"] == world_size and audit["batch_shares"] == shares
@@ -125,11 +117,12 @@ def test_04_two_ranks_uneven_batch_crash_restart_and_resume(split_out, tmp_path)
     stays exact, rank 0 crashes after epoch 1, torchrun restarts both workers and they resume
     from last.pt; checked from what rank 0 wrote."""
     out, flags = split_out
-    run_out = _copy_run(out, tmp_path / "ddp04")
+    run_out = _copy_splits(out, tmp_path / "ddp04")
     launch = _torchrun("04_train_fracture_ddp.py", [
         *flags[:4], "--preset", "demo", "--out", str(run_out), "--image-size", "48", "--device", "cpu",
         "--batch-size", "15", "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10",
-        "--sampler", "none", "--min-epoch-samples", "0", "--bootstrap", "50"],
+        "--sampler", "none", "--min-epoch-samples", "0", "--bootstrap", "50",
+        "--init", "scratch"],  # one crash hook per model: the pooled start on 2 ranks has its own test
         env_extra={"PIPELINE_CRASH_AFTER_EPOCH": "1", "PIPELINE_CRASH_RANK": "0"})
     logs = launch.stdout + launch.stderr
     assert launch.returncode == 0, logs[-4000:]
@@ -147,7 +140,7 @@ def test_04_two_ranks_uneven_batch_crash_restart_and_resume(split_out, tmp_path)
 def test_03_two_ranks_swin_crash_restart_and_resume(split_out, tmp_path):
     """The router's full-preset family (Swin) as a tiny member, 2 ranks, crash on rank 1 and resume."""
     out, flags = split_out
-    run_out = _copy_run(out, tmp_path / "ddp03")
+    run_out = _copy_splits(out, tmp_path / "ddp03")
     launch = _torchrun("03_train_age.py", [
         *flags[:4], "--preset", "demo", "--out", str(run_out), "--arch", "test_swin", "--image-size", "48",
         "--device", "cpu", "--batch-size", "32", "--epochs", "2", "--patience", "10"],
@@ -167,7 +160,7 @@ def test_an_error_on_one_rank_ends_the_launch_in_seconds(split_out, tmp_path):
     """Rank 1 fails after its first step while rank 0 waits in the next all-reduce: the launch
     must end within seconds of the error, non-zero, with rank 1's message."""
     out, flags = split_out
-    run_out = _copy_run(out, tmp_path / "fail")
+    run_out = _copy_splits(out, tmp_path / "fail")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "03_train_age.py", *flags[:4], "--preset", "demo", "--out", str(run_out), *FAST, "--epochs", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PIPELINE_FAIL_RANK": "1"}
@@ -194,7 +187,8 @@ def test_two_nodes_share_one_out_and_draw_disjoint_samples(split_out, tmp_path):
     disjoint samples and the image cache is decoded by one node only."""
     import socket
     out, flags = split_out
-    run_out = _copy_splits(out, tmp_path / "nodes")  # no cache: building it once is under test
+    run_out = tmp_path / "nodes"  # the splits without the shared cache: building it once is under test
+    shutil.copytree(out / "splits", run_out / "splits")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -166,7 +166,7 @@ def test_fracture_stage_thresholds_and_saves_the_best_epoch(demo_splits, tmp_pat
 
     monkeypatch.setattr(common, "fit", fit_with_script)
     stage = load_stage("04_train_fracture_ddp")
-    stage.main(["--out", str(out), "--preset", "demo", "--device", "cpu", "--image-size", str(SIZE),
+    stage.main(["--out", str(out), "--preset", "demo", "--device", "cpu", "--init", "scratch", "--image-size", str(SIZE),
                 "--batch-size", "16", "--projections", "AP", "--groups", "2", "--epochs", "4",
                 "--patience", "10", "--min-epoch-samples", "0", "--bootstrap", "20"])
     folder = out / "fracture" / "AP" / "group2"
