@@ -51,7 +51,7 @@ Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterali
 
 Run:
   python 07_predict.py new_images/                        # models from outputs/, CSV to outputs/predictions/
-  python 07_predict.py worklist.csv --models /srv/wrist_models --out results/
+  python 07_predict.py worklist.csv --models wrist_models/ --out results/
   python 07_predict.py scan.dcm --age 11 --cam --device cpu
   python 07_predict.py hands/ --projection AP --sex F --boneage
   python 07_predict.py hands/ --sex F --boneage --models bone_age_run/   # a run with only 05's model
