@@ -24,6 +24,8 @@ Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and cali
         OUT/fracture/ablation_predictions.csv  each arm's probability for every test image
         OUT/fracture/test_predictions.csv every test image's raw and calibrated probability
         OUT/fracture/config.json
+The test evaluation (summary, operating points, studies, calibration, subgroups, ablation) is
+common.py's section 11, so this file reads as the training story.
 
 Imbalance is corrected once, never twice: by default the sampler draws balanced batches and the
 focal loss uses alpha = 0.5 (focusing only). With --sampler none, focal alpha is the negative-class
@@ -140,12 +142,12 @@ def main(argv=None):
                     if mlflow and info.is_main:
                         _log_mlflow(mlflow, result["row"], out_dir / projection / f"group{group}")
         if info.is_main:
-            _write_summary(out_dir, frames, test_probs, rows, args)
+            common.write_fracture_summary(out_dir, frames, test_probs, rows, args)
             if len(arm_probs) > 1:
-                _write_ablation(out_dir, frames["test"], arm_probs, args)
+                common.write_ablation(out_dir, frames["test"], arm_probs, args)
             common.write_run_config(out_dir, args)
             if mlflow:
-                common.log_mlflow_run(mlflow, files=[out_dir / name for name in EVALUATION_FILES])
+                common.log_mlflow_run(mlflow, files=[out_dir / name for name in common.FRACTURE_EVALUATION_FILES])
     finally:
         if mlflow and info.is_main:
             mlflow.end_run()
@@ -353,189 +355,6 @@ def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args, thresh
 
 def _flat(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-EVALUATION_FILES = ("summary.csv", "operating_points.csv", "calibration.json", "subgroups.csv",
-                    "reliability.png", "test_predictions.csv", "test_studies.csv")
-RULES = ("youden", "sens90", "sens95")
-SUBGROUPS = {"projection": "projection_name", "age_group": "age_group", "sex": "gender", "cast": "cast",
-             "initial_exam": "initial_exam", "laterality": "laterality"}
-
-
-def _write_summary(out_dir, frames, test_probs, rows, args) -> None:
-    """Per-model rows, the true- and predicted-group cascades and the study row (summary.csv);
-    operating points, calibration and subgroups of the decision 07 deploys."""
-    test = frames["test"].assign(study_id=frames["test"].get("study_id", frames["test"]["study_number"]))
-    table = test[["filestem", "patient_id", "study_id", "laterality", "projection_name", "age",
-                  "age_group", "age_group_pred", "label", *SUBGROUPS.values()]].copy()
-    table = table.loc[:, ~table.columns.duplicated()]
-    models = {key: common.load_checkpoint(out_dir / key[0] / f"group{key[1]}" / "best.pt") for key in test_probs}
-    for route, column in (("true", "age_group"), ("pred", "age_group_pred")):
-        keys = list(zip(table["projection_name"], table[column].fillna(-1).astype(int)))
-        raw = np.array([test_probs[k].get(f, np.nan) if k in test_probs else np.nan
-                        for f, k in zip(table["filestem"], keys)], dtype=float)
-        table[f"prob_route_{route}"] = raw
-        table[f"calibrated_prob_route_{route}"] = [
-            common.apply_calibration([p], models[k].get("calibration"))[0] if k in models else np.nan
-            for p, k in zip(raw, keys)]
-        for rule in RULES:  # each image is decided at its own model's threshold, as 07 does
-            table[f"threshold_{rule}_route_{route}"] = [
-                models[k].get("thresholds", {}).get(rule, np.nan) if k in models else np.nan for k in keys]
-    common.write_csv(table, out_dir / "test_predictions.csv")
-    prevalence = float(pd.concat([frames["train"]["label"], frames["val"]["label"]]).mean())
-    points = []
-    for row in rows:
-        if row.get("kind") == "model" and row.get("status") == "trained":  # not the pooled model
-            key = (row["projection"], int(row["age_group"]))
-            own = table[(table["projection_name"] == key[0])
-                        & (table["age_group" if args.route == "true" else "age_group_pred"] == key[1])]
-            points += _operating_points(f"{key[0]}_group{key[1]}", own, args.route, f"prob_route_{args.route}",
-                                        prevalence, args)
-    for route in ("true", "pred"):
-        scored = table.dropna(subset=[f"prob_route_{route}"])
-        if scored.empty:
-            common.log(f"no cascade_{route}: no test image has a {route}-group model (03 not run?)")
-            continue
-        rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args,
-                                 f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""))
-        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}", prevalence, args)
-    studies, note = _complete_studies(table, args, args.route)
-    if not studies.empty:
-        rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
-    if "calibrated_prob_route_pred" in table and table["prob_route_pred"].notna().any():
-        points += _study_points(table, prevalence, args)
-        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args)
-    summary = pd.DataFrame(rows)
-    integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
-    summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
-    common.write_csv(summary, out_dir / "summary.csv")
-    common.write_csv(pd.DataFrame(points), out_dir / "operating_points.csv")
-    shown = summary[[c for c in ("kind", "projection", "age_group", "status", "n_test", "test_auc",
-                                 "test_auc_ci_low", "test_auc_ci_high", "reason") if c in summary]]
-    common.log("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-
-
-def _summary_row(kind, scored, prob_column, args, reason="") -> dict:
-    auc, ci = common.auc_with_ci(scored["label"], scored[prob_column], scored["patient_id"], args.bootstrap, args.seed)
-    return {"kind": kind, "status": "evaluated", "n_test": len(scored), "pos_test": int(scored["label"].sum()),
-            "test_auc": auc, "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": reason}
-
-
-def _operating_points(scope, scored, route, prob_column, prevalence, args) -> list[dict]:
-    """One row per rule; each image is decided at its own model's raw threshold, as 07 does."""
-    points = []
-    for rule in RULES:
-        thresholds = scored[f"threshold_{rule}_route_{route}"].to_numpy(float)
-        single = thresholds[0] if len(set(thresholds)) == 1 else float("nan")  # a cascade has several
-        points.append({"scope": scope, "rule": rule, **common.binary_metrics_with_ci(
-            scored["label"], scored[prob_column], scored["patient_id"], single, args.bootstrap, args.seed,
-            prevalence, decisions=scored[f"prob_route_{route}"].to_numpy() >= thresholds)})
-    return points
-
-
-def _complete_studies(table, args, route, rule="youden") -> tuple[pd.DataFrame, str]:
-    """Studies (07's rule) whose images are all in the test set and all scored; the note counts the rest."""
-    raw = table[f"prob_route_{route}"]
-    images = table.assign(decision=(raw >= table[f"threshold_{rule}_route_{route}"]).astype(int),
-                          scored=raw.notna().astype(int), prob=table[f"calibrated_prob_route_{route}"].fillna(-1.0))
-    studies = common.study_table(images, "prob", "decision", all_scored=("scored", "min"))
-    path = common.split_path(args.out, "wrist", "quarantine")  # the test patients' other images
-    quarantine = common.read_split(args.out, "wrist", "quarantine") if path.is_file() else table.iloc[:0]
-    quarantine = quarantine.assign(study_id=quarantine.get("study_id", quarantine.get("study_number")), p=0)
-    keys = ["patient_id", "study_id", "laterality"]
-    outside = studies[keys].merge(common.study_table(quarantine, "p", "p")[keys], how="left",
-                                  indicator=True)["_merge"].eq("both").to_numpy()
-    unscored = studies["all_scored"].eq(0).to_numpy()
-    note = (f"{outside.sum()} partial studies (images outside the test set) and "
-            f"{(unscored & ~outside).sum()} with unscored images left out")
-    return studies[~outside & ~unscored].drop(columns="all_scored").reset_index(drop=True), note
-
-
-def _study_points(table, prevalence, args) -> list[dict]:
-    """study_pred: 07's decision (any image positive at its model's threshold, routed by 03)."""
-    points = []
-    for rule in RULES:
-        studies, note = _complete_studies(table, args, "pred", rule)
-        if rule == "youden":
-            common.write_csv(studies, args.out / "fracture" / "test_studies.csv")
-            common.log(f"study_pred: {len(studies)} complete studies; {note}")
-        points.append({"scope": "study_pred", "rule": rule, **common.binary_metrics_with_ci(
-            studies["label"], studies["prob"], studies["patient_id"], float("nan"), args.bootstrap,
-            args.seed, prevalence, decisions=studies["decision"]), "note": note})
-    return points
-
-
-def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -> None:
-    """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred.
-
-    Brier/ECE are given on the test set as it is (balanced by design) and reweighted to the
-    training + validation prevalence (`*_at_prevalence`), the population the map was fitted for.
-    """
-    scored, route = table.dropna(subset=["prob_route_pred"]), args.route
-
-    def scores(frame, raw, calibrated, method):
-        return {"raw": common.calibration_metrics(frame["label"], frame[raw]),
-                "calibrated": common.calibration_metrics(frame["label"], frame[calibrated]),
-                "raw_at_prevalence": common.calibration_metrics(frame["label"], frame[raw], prevalence=prevalence),
-                "calibrated_at_prevalence": common.calibration_metrics(frame["label"], frame[calibrated],
-                                                                       prevalence=prevalence),
-                "method": method, "prevalence": prevalence}
-
-    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred", "platt per model")}
-    for row in rows:
-        if row.get("kind") == "model" and row.get("status") == "trained":
-            own = table[(table["projection_name"] == row["projection"])
-                        & (table["age_group" if route == "true" else "age_group_pred"] == row["age_group"])]
-            method = models[(row["projection"], int(row["age_group"]))]["calibration"]["method"]
-            report[f"{row['projection']}_group{int(row['age_group'])}"] = scores(
-                own, f"prob_route_{route}", f"calibrated_prob_route_{route}", method)
-    common.write_json(report, out_dir / "calibration.json")
-    common.plot_reliability({"raw": (scored["label"], scored["prob_route_pred"]),
-                             "calibrated": (scored["label"], scored["calibrated_prob_route_pred"])},
-                            out_dir / "reliability.png", "cascade_pred, test")
-    decisions = scored["prob_route_pred"] >= scored["threshold_youden_route_pred"]
-    subgroups = []
-    for name, column in SUBGROUPS.items():
-        for value, members in scored.groupby(column):
-            metrics = common.binary_metrics_with_ci(
-                members["label"], members["calibrated_prob_route_pred"], members["patient_id"], float("nan"),
-                args.bootstrap, args.seed, decisions=decisions[members.index])
-            subgroups.append({"subgroup": name, "value": value, **{k: v for k, v in metrics.items() if k != "threshold"}})
-    common.write_csv(pd.DataFrame(subgroups), out_dir / "subgroups.csv")
-
-
-def _write_ablation(out_dir, test, arm_probs, args) -> None:
-    """Each arm's test AUC (patient-bootstrap 95% CI) on the same images: per group, then cascaded.
-
-    Group scope: the test images routed to that group. Cascade: every image goes to the model of
-    its predicted age group (03), or its --route group without 03; the pooled arm scores every
-    image with its projection's one model. Images some arm has no model for are left out of all.
-    """
-    routed = "age_group_pred" if test["age_group_pred"].notna().all() else "route_group"
-    cascade = "cascade_pred" if routed == "age_group_pred" else f"cascade_{args.route}"
-    table = test[["filestem", "patient_id", "projection_name", "route_group", routed, "label"]]
-    table = table.loc[:, ~table.columns.duplicated()].copy()
-    for arm, models in arm_probs.items():
-        for column, route in (("group", "route_group"), ("cascade", routed)):
-            table[f"{arm}_{column}"] = [
-                models[(p, int(g))].get(f, np.nan) if (p, g) in models else np.nan
-                for f, p, g in zip(table["filestem"], table["projection_name"], table[route].fillna(-1).astype(int))]
-    arms = [a for a in ("pooled", "scratch", "from_pooled", "from_file") if a in arm_probs]
-    scopes = [(f"{p}_group{g}", (table["projection_name"] == p) & (table["route_group"] == g), "group")
-              for p, g in sorted({key for models in arm_probs.values() for key in models})]
-    scopes.append((cascade, table["projection_name"].isin(args.projections), "cascade"))
-    rows = []
-    for scope, mask, column in scopes:
-        scored = table[mask].dropna(subset=[f"{arm}_{column}" for arm in arms])
-        for arm in arms:
-            auc, (low, high) = common.auc_with_ci(scored["label"], scored[f"{arm}_{column}"],
-                                                  scored["patient_id"], args.bootstrap, args.seed)
-            rows.append({"arm": arm, "scope": scope, "n": len(scored), "auc": auc, "auc_lo": low, "auc_hi": high})
-    ablation = pd.DataFrame(rows)
-    common.write_csv(ablation, out_dir / "ablation.csv")
-    common.write_csv(table, out_dir / "ablation_predictions.csv")  # each arm's probability per image
-    common.log("ablation, test AUC (95% CIs in ablation.csv):\n" + ablation.pivot(index="scope", columns="arm", values="auc")
-               .reindex(columns=arms).to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 def _log_mlflow(mlflow, row, run_dir) -> None:
