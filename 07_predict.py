@@ -7,7 +7,7 @@ INPUT is any mix of
                 `fracture` (0/1) and `boneage` (months); relative paths are read from the CSV's folder
   image files   PNG/JPEG (8 or 16 bit) or DICOM, any transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE)
 
-Each image gets
+Each image gets (common.resolve_prediction_metadata reads the CSV row and the DICOM header)
   its projection  from the CSV, else the DICOM's ViewPosition, else its ViewCodeSequence, else
                   --projection; with none it is a counted skip
   its age group   from its age (CSV, else the DICOM's PatientAge, else --age) with the age edges
@@ -29,13 +29,18 @@ one projection is a fracture of the study. patient_id is used for grouping only,
 never written.
 
 External validation: when the CSV has a `fracture` column (and patient_id, study_id), the
-predictions are also scored against it (common.evaluate_external): image- and study-level AUC,
-sensitivity, specificity, PPV, NPV with patient-bootstrap 95% CIs at the stored thresholds,
-calibration, subgroups, ROC/PR/reliability figures; with `boneage` and --boneage also the MAE.
+predictions are also scored against it (common.evaluate_predictions, the metric code of 04's test
+evaluation): image- and study-level AUC, sensitivity, specificity, PPV, NPV with patient-bootstrap
+95% CIs at the stored thresholds, calibration, subgroups, ROC/PR/reliability figures; with
+`boneage` and --boneage also the MAE.
 
 Nothing identifying is written: no names, IDs or birth dates. Of the DICOM header only the view,
 age, sex and laterality are read, and the Study Instance UID only as a keyed hash whose key is
-random per run and never stored (common.study_key).
+random per run and never stored (common.study_key). Files straight from a PACS are often named
+by their SOP Instance UID, in folders named by Study/Series UID: every path component that looks
+like a UID (1.2.840.113619.2.55.3.604688.12345.dcm) is written as uid-<the same keyed hash>
+(common.hide_uids) in every output file, file name and log line, config.json's record of the
+inputs included; so is a CSV study_id that is a UID.
 
 Reads   MODELS/fracture/{AP,Lat}/group{g}/best.pt (04); MODELS/age/best.pt (03, for images
         without an age); MODELS/boneage/best.pt (05, with --boneage)
@@ -60,6 +65,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import functools
 import secrets
 from collections import Counter
 from pathlib import Path
@@ -69,8 +75,6 @@ import pandas as pd
 
 import common
 
-PROJECTION_VALUES, SEX_VALUES = common.PROJECTION_NAMES, common.SEX_NAMES
-IMAGE_PROBLEMS = ("file not found", "unreadable image")  # no task can use these images
 SKIPS_SHOWN = 20
 
 
@@ -120,14 +124,18 @@ def main(argv=None):
     out_dir = common.ensure_writable_dir(args.out)
     device = common.resolve_device(args.device)
 
+    salt = secrets.token_bytes(16)  # the key of the study and UID hashes lives for this run only
+    hide = functools.partial(common.hide_uids, salt=salt)
     images = common.collect_prediction_inputs(args.inputs)
-    common.log(f"07: {len(images)} input images; models from {args.models}")
-    resolve_metadata(images, args, secrets.token_bytes(16))  # the study-hash key lives for this run only
+    # Written UID-free (a CSV's study_id may be a Study Instance UID too); `path` is the file read.
+    images[["input_path", "study_id"]] = images[["input_path", "study_id"]].map(hide, na_action="ignore")
+    common.log(f"07: {len(images)} input images; models from {hide(args.models)}")
+    common.resolve_prediction_metadata(images, salt, projection=args.projection, age=args.age, sex=args.sex)
     if fracture_models:
         assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
         predict_fractures(images, fracture_models, edges, args, device, out_dir)
     else:
-        common.log(f"07: no fracture models under {args.models / 'fracture'}: bone age only")
+        common.log(f"07: no fracture models under {hide(args.models / 'fracture')}: bone age only")
         _no_fracture_track(images)
     if args.boneage:
         predict_bone_age(images, boneage_path, args, device)
@@ -138,12 +146,12 @@ def main(argv=None):
     table = pd.concat([_image_rows(images[predicted], edges, args), _study_rows(images[predicted])],
                       ignore_index=True).reindex(columns=_output_columns(args))
     common.write_csv(table, out_dir / "predictions.csv")
-    skipped = _skip_table(images)
+    skipped = _skip_table(images, hide)
     common.write_csv(skipped, out_dir / "skipped.csv")
     if images["label"].notna().any() or images["boneage"].notna().any():
-        evaluate(images, skipped, edges, out_dir, args)
-    common.write_run_config(out_dir, args, models=str(args.models.resolve()))
-    _print_summary(table, skipped, out_dir)
+        common.evaluate_predictions(images, skipped, edges, out_dir, n_boot=args.bootstrap, hide=hide)
+    common.write_run_config(out_dir, args, hide=hide, models=str(args.models.resolve()))
+    _print_summary(table, skipped, out_dir, hide)
     return table
 
 
@@ -161,68 +169,6 @@ def _age_edges(fracture_models: dict) -> tuple[float, ...]:
     """The age edges the fracture models were trained with (each checks it agrees when loaded)."""
     checkpoint = common.load_checkpoint(next(iter(fracture_models.values())))
     return tuple(float(e) for e in checkpoint["age_edges"])
-
-
-def resolve_metadata(images: pd.DataFrame, args, study_salt: bytes) -> None:
-    """Projection, age, sex, laterality and study of each image: its CSV row, else its DICOM
-    header, else the flags."""
-    for column in ("projection", "projection_source", "age", "sex", "laterality", "skip_reason", "skip_detail"):
-        images[column] = None
-    for index, row in common.progress(images.iterrows(), total=len(images), desc="read headers", unit="img"):
-        path = row["path"]
-        if not path.is_file():
-            _skip(images, index, "file not found", str(path))
-            continue
-        tags = {}
-        if common.is_dicom(path):
-            try:
-                tags = common.read_dicom_tags(path, study_salt)
-            except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a bad file
-                _skip(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
-                continue
-        csv_projection, csv_age, csv_sex = row["csv_projection"], row["csv_age"], row["csv_sex"]
-        if csv_projection is not None and csv_projection.lower() not in PROJECTION_VALUES:
-            _skip(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
-            continue
-        if csv_age is not None and not _is_age(csv_age):
-            _skip(images, index, "age not a number of years", f"CSV age {csv_age!r}")
-            continue
-        if csv_projection is None and tags.get("projection") == "other":
-            _skip(images, index, "projection not AP or Lat", f"DICOM {tags['view_source']} names another view")
-            continue
-        images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
-            csv_projection and PROJECTION_VALUES[csv_projection.lower()], tags.get("projection"), args.projection)
-        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
-        laterality = (row["csv_laterality"] or "").upper()
-        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
-        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), args.age)
-        images.at[index, "sex"], _ = _first_given(csv_sex and SEX_VALUES.get(csv_sex.lower()),
-                                                  tags.get("sex"), args.sex)
-        if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
-            _skip(images, index, "no projection", "give a projection column, --projection, or a "
-                                                  "DICOM with ViewPosition or ViewCodeSequence")
-
-
-def _first_given(csv_value, dicom_value, flag_value) -> tuple:
-    """(value, where it came from): the image's own value wins; a flag only fills a gap."""
-    for value, source in ((csv_value, "csv"), (dicom_value, "dicom"), (flag_value, "flag")):
-        if value is not None:
-            return value, source
-    return None, None
-
-
-def _is_age(text: str) -> bool:
-    try:
-        return 0 <= float(text) < 30
-    except ValueError:
-        return False
-
-
-def _skip(images: pd.DataFrame, index, reason: str, detail: str) -> None:
-    """Record why an image gets no fracture prediction (the first reason found is kept)."""
-    if images.at[index, "skip_reason"] is None:
-        images.at[index, "skip_reason"] = reason
-        images.at[index, "skip_detail"] = " ".join(str(detail).split())  # one line
 
 
 def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -> None:
@@ -243,13 +189,13 @@ def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, devi
         return
     if not router_path.is_file():
         for index in unknown:
-            _skip(images, index, "no age and no age router", f"{router_path} not found: give an age "
-                  "(CSV column, --age) or run 03_train_age.py")
+            common.skip_image(images, index, "no age and no age router", f"{router_path} not found: "
+                              "give an age (CSV column, --age) or run 03_train_age.py")
         return
     router, checkpoint = common.load_trained_model(router_path, device)
     _check_edges(checkpoint, edges, router_path)
     for indices, squares, _ in _batches(images, unknown, checkpoint["image_size"], args.batch_size,
-                                        "age router", _skip):
+                                        "age router", common.skip_image):
         images.loc[indices, "age_group"] = _infer(router, squares, device).argmax(dim=1).tolist()
         images.loc[indices, "age_group_source"] = "predicted"
 
@@ -264,7 +210,7 @@ def _batches(images: pd.DataFrame, indices, size: int, batch_size: int, desc: st
     """Yield (indices, uint8 [B, S, S] squares, letterboxes) of the readable images, batch by batch.
 
     Preprocessing is common.preprocess_image, the function training used; an image that cannot be
-    decoded is recorded with `skip` (_skip or _skip_bone_age) and never reaches a model.
+    decoded is recorded with `skip` (common.skip_image or _skip_bone_age) and never reaches a model.
     """
     indices = list(indices)
     for start in common.progress(range(0, len(indices), batch_size), desc=desc, unit="batch"):
@@ -306,7 +252,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         model_path = fracture_models.get((projection, group))
         if model_path is None:
             for index in members.index:
-                _skip(images, index, "no fracture model for the group",
+                common.skip_image(images, index, "no fracture model for the group",
                       _missing_model_detail(args.models, projection, group, edges))
             continue
         model, checkpoint = common.load_trained_model(model_path, device)
@@ -314,7 +260,8 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         threshold = float(checkpoint.get("threshold", 0.5))
         relative = model_path.relative_to(args.models).as_posix()
         for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
-                                                args.batch_size, f"{projection} group {group}", _skip):
+                                                args.batch_size, f"{projection} group {group}",
+                                                common.skip_image):
             probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy().astype(float)
             calibration = checkpoint.get("calibration")
             images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
@@ -325,7 +272,8 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
             if args.cam:
                 cams, _ = common.grad_cam_plus_plus(model, squares, device)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
-                    name = f"{index:05d}_{images.at[index, 'path'].stem}_p{prob:.2f}.png"
+                    stem = Path(images.at[index, "input_path"]).stem  # the UID-free name
+                    name = f"{index:05d}_{stem}_p{prob:.2f}.png"
                     overlay = common.render_overlay(images.at[index, "path"], cam, box,
                                                      common.caption(float(prob), threshold))
                     common.write_png(overlay, out_dir / "gradcam" / name)
@@ -350,7 +298,7 @@ def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> 
     """Bone age in months for every readable image with a sex (the model needs it as an input)."""
     import torch
     images["bone_age_months"], images["boneage_skip"], images["boneage_detail"] = None, None, None
-    readable = ~images["skip_reason"].isin(IMAGE_PROBLEMS)
+    readable = ~images["skip_reason"].isin(common.IMAGE_PROBLEMS)
     for index in images.index[readable & images["sex"].isna()]:
         _skip_bone_age(images, index, "no sex", "give a sex column, --sex, or a DICOM with PatientSex")
     model, checkpoint = common.load_trained_model(boneage_path, device)
@@ -377,7 +325,7 @@ def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
 
 def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
     """One row per study (common.study_table: max probability, positive if any image is)."""
-    scored = _study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
+    scored = common.study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
     if scored.empty:
         return pd.DataFrame()
     studies = common.study_table(scored.assign(fracture_pred=scored["fracture_pred"].astype(int),
@@ -391,35 +339,6 @@ def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
     return studies.rename(columns={"prob": "fracture_prob", "decision": "fracture_pred"}).assign(level="study")
 
 
-def _study_keys(images: pd.DataFrame) -> pd.DataFrame:
-    """patient_id and laterality as '' where unknown: a study key must not be dropped as NaN."""
-    return images.assign(patient_id=images["patient_id"].fillna("").astype(str),
-                         laterality=images["laterality"].fillna(""))
-
-
-def evaluate(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, args) -> None:
-    """External validation of the labelled images (common.evaluate_external, the shared metrics)."""
-    labelled = _study_keys(images[images["label"].notna() | images["boneage"].notna()]).assign(
-        label=lambda frame: pd.to_numeric(frame["label"]), boneage=lambda frame: pd.to_numeric(frame["boneage"]))
-    names = common.age_group_names(edges) if edges is not None else []
-    labelled["age_group_name"] = [None if pd.isna(group) else names[int(group)] for group in labelled["age_group"]]
-    # A labelled image with no prediction for what its label scores is a skip of the evaluation.
-    fracture_skips = skipped["input_path"].isin(labelled.loc[labelled["label"].notna(), "input_path"]) \
-        & ~skipped["reason"].str.startswith("bone age:")
-    bone_skips = skipped["input_path"].isin(labelled.loc[labelled["boneage"].notna(), "input_path"]) \
-        & (skipped["reason"].str.startswith("bone age:") | skipped["reason"].isin(IMAGE_PROBLEMS))
-    result = common.evaluate_external(labelled, skipped[fracture_skips | bone_skips], out_dir,
-                                      n_boot=args.bootstrap, seed=0)
-    if "image" in result:
-        image = result["image"]
-        common.log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
-                   f"{image['auc_hi']:.3f}], study AUC {result['study']['auc']:.3f} on {result['n_images']} "
-                   f"images of {result['n_patients']} patients -> {out_dir / 'EVALUATION.md'}")
-    if "boneage" in result:
-        common.log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
-                   f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
-
-
 def _output_columns(args) -> list[str]:
     return ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
             "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
@@ -427,27 +346,29 @@ def _output_columns(args) -> list[str]:
             *(["cam_path"] if args.cam else [])]
 
 
-def _skip_table(images: pd.DataFrame) -> pd.DataFrame:
+def _skip_table(images: pd.DataFrame, hide) -> pd.DataFrame:
+    """Every skip with its reason; the details (error messages may quote the path) through `hide`."""
     frames = [images.loc[images["skip_reason"].notna(), ["input_path", "skip_reason", "skip_detail"]]
               .set_axis(["input_path", "reason", "detail"], axis=1)]
     if "boneage_skip" in images:
         bone = images[images["boneage_skip"].notna()]
         frames.append(pd.DataFrame({"input_path": bone["input_path"], "reason": bone["boneage_skip"],
                                     "detail": bone["boneage_detail"]}))
-    return pd.concat(frames, ignore_index=True)
+    skipped = pd.concat(frames, ignore_index=True)
+    return skipped.assign(detail=skipped["detail"].map(hide, na_action="ignore"))
 
 
-def _print_summary(table: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path) -> None:
+def _print_summary(table: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, hide) -> None:
     for row in skipped.head(SKIPS_SHOWN).itertuples():
         common.log(f"skipped {row.input_path}: {row.reason}" + (f" ({row.detail})" if row.detail else ""))
     if len(skipped) > SKIPS_SHOWN:
-        common.log(f"... and {len(skipped) - SKIPS_SHOWN} more skips listed in {out_dir / 'skipped.csv'}")
+        common.log(f"... and {len(skipped) - SKIPS_SHOWN} more skips listed in {hide(out_dir / 'skipped.csv')}")
     images = table[table["level"] == "image"]
     counts = Counter(skipped["reason"])
     reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none"
     studies = int((table["level"] == "study").sum()) if len(table) else 0
     common.log(f"07: predicted {len(images)} images" + (f" and {studies} studies" if studies else "")
-               + f"; skipped {len(skipped)} ({reasons}) -> {out_dir / 'predictions.csv'}")
+               + f"; skipped {len(skipped)} ({reasons}) -> {hide(out_dir / 'predictions.csv')}")
 
 
 if __name__ == "__main__":

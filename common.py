@@ -4,15 +4,19 @@ Every numbered stage imports this one module; copy it next to any stage you reus
 Sections, in order:
 
 1. Command line, errors and small file helpers (atomic writes, run config)
-2. Data readers: GRAZPEDWRI-DX `dataset.csv`, RSNA bone-age CSVs, image index, splits
+2. Data readers: GRAZPEDWRI-DX `dataset.csv`, hospital tables, 07's inputs and their view, age,
+   sex and study (CSV, DICOM header, flags), RSNA bone-age CSVs, image index, splits
 3. Age groups (the one definition every stage uses)
-4. Images: one loader for PNG/JPEG (8/16-bit) and DICOM, letterbox, preprocess-once cache
+4. Images: one loader for PNG/JPEG (8/16-bit) and DICOM, letterbox, preprocess-once cache; the
+   DICOM tags 07 may read, and keyed hashes for Study Instance UIDs and UID-named paths
    4b. A run's fracture models and Grad-CAM++ overlays (06 and 07)
 5. Models and losses: timm factory, focal loss, GeM, bone-age model
 6. Distributed: setup/teardown, DDP-aware balanced sampler, gathering predictions
 7. Training loop shared by 03, 04 and 05 (resumable, early stopping, bf16 on CUDA)
 8. Metrics and plots: operating points, calibration, studies, patient-level bootstrap CIs, figures
 9. Experiment tracking: MLflow, shared by the training stages (the run report is 08_report.py)
+10. External validation: 07's predictions scored against a hospital's labels (metrics of 8)
+11. Fracture test evaluation of 04: operating points, studies, calibration, subgroups, ablation
 
 Nothing here does work at import time.
 """
@@ -246,11 +250,17 @@ def library_versions() -> dict:
     return versions
 
 
-def write_run_config(folder: Path, args: argparse.Namespace, **extra) -> Path:
-    """Record how a stage was run beside its outputs: command line, resolved flags, versions."""
-    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "config": config_dict(args), "versions": library_versions(), **extra}
-    return write_json(record, Path(folder) / "config.json")
+def write_run_config(folder: Path, args: argparse.Namespace, hide: Callable[[str], str] | None = None,
+                     **extra) -> Path:
+    """Record how a stage was run beside its outputs: command line, resolved flags, versions.
+
+    `hide` rewrites the command and the values (07 passes hide_uids: its inputs may be named by
+    DICOM UIDs); the library versions are added after it, so a version string is never touched.
+    """
+    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "config": config_dict(args), **extra}
+    if hide is not None:
+        record = json.loads(hide(json.dumps(record)))
+    return write_json({**record, "versions": library_versions()}, Path(folder) / "config.json")
 
 
 def seed_everything(seed: int) -> None:
@@ -597,6 +607,69 @@ def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
                          "evaluation resamples patients and scores studies")
 
 
+def resolve_prediction_metadata(images: pd.DataFrame, study_salt: bytes, *, projection: str | None = None,
+                                age: float | None = None, sex: str | None = None) -> None:
+    """Projection, age, sex, laterality and study of each row of collect_prediction_inputs: its
+    CSV row, else its DICOM header (read_dicom_tags), else the flag given here (07's --projection,
+    --age, --sex). An image that cannot be used is marked with skip_image, never dropped."""
+    for column in ("projection", "projection_source", "age", "sex", "laterality", "skip_reason", "skip_detail"):
+        images[column] = None
+    for index, row in progress(images.iterrows(), total=len(images), desc="read headers", unit="img"):
+        path = row["path"]
+        if not path.is_file():
+            skip_image(images, index, "file not found", str(path))
+            continue
+        tags = {}
+        if is_dicom(path):
+            try:
+                tags = read_dicom_tags(path, study_salt)
+            except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a bad file
+                skip_image(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
+                continue
+        csv_projection, csv_age, csv_sex = row["csv_projection"], row["csv_age"], row["csv_sex"]
+        if csv_projection is not None and csv_projection.lower() not in PROJECTION_NAMES:
+            skip_image(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
+            continue
+        if csv_age is not None and not _is_age(csv_age):
+            skip_image(images, index, "age not a number of years", f"CSV age {csv_age!r}")
+            continue
+        if csv_projection is None and tags.get("projection") == "other":
+            skip_image(images, index, "projection not AP or Lat", f"DICOM {tags['view_source']} names another view")
+            continue
+        images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
+            csv_projection and PROJECTION_NAMES[csv_projection.lower()], tags.get("projection"), projection)
+        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
+        laterality = (row["csv_laterality"] or "").upper()
+        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
+        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), age)
+        images.at[index, "sex"], _ = _first_given(csv_sex and SEX_NAMES.get(csv_sex.lower()), tags.get("sex"), sex)
+        if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
+            skip_image(images, index, "no projection", "give a projection column, --projection, or a "
+                                                       "DICOM with ViewPosition or ViewCodeSequence")
+
+
+def _first_given(csv_value, dicom_value, flag_value) -> tuple:
+    """(value, where it came from): the image's own value wins; a flag only fills a gap."""
+    for value, source in ((csv_value, "csv"), (dicom_value, "dicom"), (flag_value, "flag")):
+        if value is not None:
+            return value, source
+    return None, None
+
+
+def _is_age(text: str) -> bool:
+    try:
+        return 0 <= float(text) < 30
+    except ValueError:
+        return False
+
+
+def skip_image(images: pd.DataFrame, index, reason: str, detail: str) -> None:
+    """Record why an image gets no fracture prediction (the first reason found is kept)."""
+    if images.at[index, "skip_reason"] is None:
+        images.at[index, "skip_reason"] = reason
+        images.at[index, "skip_detail"] = " ".join(str(detail).split())  # one line
+
+
 # RSNA bone age: three published CSV variants, mapped to id / boneage / male.
 BONEAGE_COLUMN_NAMES = {
     "id": "id", "image id": "id", "case id": "id",
@@ -940,6 +1013,21 @@ def study_key(uid: str, salt: bytes) -> str:
     import hashlib
     import hmac
     return "S" + hmac.new(salt, uid.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+# A DICOM UID as a whole path component or word, with or without a file suffix (.dcm): a PACS
+# export names files by their SOP Instance UID and folders by the Study/Series Instance UID. The
+# UID grammar is [0-2](.(0|[1-9][0-9]*))+; leading zeros are accepted too (some vendors write
+# them: masking a look-alike costs nothing, a missed UID is a leak), from 4 parts up so that a
+# version like 1.2.3 stays readable.
+_UID_IN_TEXT = re.compile(r"(?<![\w.-])([0-2](?:\.[0-9]+){3,})(?=(?:\.[A-Za-z][A-Za-z0-9]*)?(?![\w-]|\.\w))")
+
+
+def hide_uids(text, salt: bytes) -> str:
+    """`text` (a path, an error message, a log line) with every DICOM UID in it written as
+    'uid-' + study_key's keyed hash: the same UID gets the same name within a run (so a study
+    folder still groups its files), and no name can be traced back to its UID."""
+    return _UID_IN_TEXT.sub(lambda match: "uid-" + study_key(match.group(1), salt)[1:], str(text))
 
 
 def _dicom_age_years(text: str) -> float | None:
@@ -2938,6 +3026,38 @@ def log_mlflow_run(mlflow, *, history_csv: Path | None = None, metrics: dict | N
 # ------------------------------------------------------------------------------------------------
 
 EVALUATION_SUBGROUPS = ["projection", "age_group_name", "age_group_source", "sex", "laterality"]
+IMAGE_PROBLEMS = ("file not found", "unreadable image")  # 07's skips that no task can use
+
+
+def evaluate_predictions(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, *, n_boot: int,
+                         hide: Callable[[str], str] = str) -> dict:
+    """07's external validation: its labelled images, with the skips that concern each label, go
+    to evaluate_external; the headline figures are logged (paths through `hide`, see hide_uids)."""
+    labelled = study_keys(images[images["label"].notna() | images["boneage"].notna()]).assign(
+        label=lambda frame: pd.to_numeric(frame["label"]), boneage=lambda frame: pd.to_numeric(frame["boneage"]))
+    names = age_group_names(edges) if edges is not None else []
+    labelled["age_group_name"] = [None if pd.isna(group) else names[int(group)] for group in labelled["age_group"]]
+    # A labelled image with no prediction for what its label scores is a skip of the evaluation.
+    fracture_skips = skipped["input_path"].isin(labelled.loc[labelled["label"].notna(), "input_path"]) \
+        & ~skipped["reason"].str.startswith("bone age:")
+    bone_skips = skipped["input_path"].isin(labelled.loc[labelled["boneage"].notna(), "input_path"]) \
+        & (skipped["reason"].str.startswith("bone age:") | skipped["reason"].isin(IMAGE_PROBLEMS))
+    result = evaluate_external(labelled, skipped[fracture_skips | bone_skips], out_dir, n_boot=n_boot, seed=0)
+    if "image" in result:
+        image = result["image"]
+        log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
+            f"{image['auc_hi']:.3f}], study AUC {result['study']['auc']:.3f} on {result['n_images']} "
+            f"images of {result['n_patients']} patients -> {hide(out_dir / 'EVALUATION.md')}")
+    if "boneage" in result:
+        log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
+            f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
+    return result
+
+
+def study_keys(images: pd.DataFrame) -> pd.DataFrame:
+    """patient_id and laterality as '' where unknown: a study key must not be dropped as NaN."""
+    return images.assign(patient_id=images["patient_id"].fillna("").astype(str),
+                         laterality=images["laterality"].fillna(""))
 
 
 def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, *, n_boot: int = 1000,

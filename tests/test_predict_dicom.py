@@ -2,6 +2,7 @@
 header, compressed files, and no identifying value in any output file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -78,3 +79,62 @@ def test_dicom_studies_views_and_nothing_identifying(predict, models, tmp_path):
         content = path.read_bytes()
         for value in [*IDENTIFYING.values(), *uids, "Doe", "20120304"]:
             assert value.encode() not in content, f"{value} in {path.name}"
+
+
+
+def test_uid_named_files_and_folders_are_written_as_hashes(predict, models, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A PACS export names files by SOP Instance UID and folders by Study/Series UID: no UID of a
+    path (nor a CSV study_id that is one) reaches an output file, a file name or the log in clear."""
+    import shutil
+    import sys
+    folder_uid, file_uid, broken_uid, copy_uid, missing_uid, study_uid = (
+        "1.2.840.10008.5.1.4.1", "1.2.3.4.5.6", "1.2.3.4.5.7", "1.2.3.4.5.8", "1.2.3.4.5.99",
+        "1.2.826.0.1.3680043.2.1125.1")
+    series = tmp_path / "pacs" / folder_uid
+    series.mkdir(parents=True)
+    shutil.copy(cr_dicom(), series / f"{file_uid}.dcm")
+    (series / f"{broken_uid}.dcm").write_bytes(b"DICM but not really" * 10)           # unreadable
+    (tmp_path / "copy").mkdir()
+    shutil.copy(cr_dicom(), tmp_path / "copy" / f"{copy_uid}.dcm")
+    pd.DataFrame({"image_path": [f"copy/{copy_uid}.dcm", f"copy/{missing_uid}.dcm"],  # the second: not found
+                  "study_id": [study_uid, study_uid]}).to_csv(tmp_path / "list.csv", index=False)
+    out = tmp_path / "out"
+    argv = [str(series), str(tmp_path / "list.csv"), "--age", "11", "--cam"]
+    monkeypatch.setattr(sys, "argv", ["07_predict.py", *argv])  # what config.json records as the command
+    table, skipped = run(predict, argv[:2], models, out, *argv[2:])
+    log = capsys.readouterr()
+
+    header = pydicom.dcmread(cr_dicom(), stop_before_pixels=True)
+    uids = [folder_uid, file_uid, broken_uid, copy_uid, missing_uid, study_uid,
+            *(str(header[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if k in header)]
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert {path.name for path in written} >= {"predictions.csv", "skipped.csv", "config.json"}
+    assert len([path for path in written if path.parent.name == "gradcam"]) == 2
+    for path in written:
+        content = path.read_bytes()
+        for uid in uids:
+            assert uid not in path.relative_to(out).as_posix(), f"{uid} in the name {path.name}"
+            assert uid.encode() not in content, f"{uid} in {path.name}"
+    for uid in uids:
+        assert uid not in log.out and uid not in log.err, f"{uid} in the log"
+
+    # Masked, not dropped: one UID is one name in the run, and each output still tells the files apart.
+    hashed = r"uid-[0-9a-f]{16}"
+    images = table[table["level"] == "image"].set_index("input_path")
+    (from_folder,) = [path for path in images.index if "/pacs/" in path]
+    folder_name = re.fullmatch(rf".*/pacs/({hashed})/{hashed}\.dcm", from_folder).group(1)
+    (from_csv,) = [path for path in images.index if path.startswith("copy/")]
+    assert re.fullmatch(rf"copy/{hashed}\.dcm", from_csv) and from_csv != f"copy/{Path(from_folder).name}"
+    assert images.loc[from_folder, "study_id"].startswith("S")       # the header's keyed study hash
+    assert re.fullmatch(hashed, images.loc[from_csv, "study_id"])     # the CSV's UID study_id, masked
+    assert images.loc[from_folder, "fracture_prob"] == pytest.approx(images.loc[from_csv, "fracture_prob"])
+    for path in images.index:
+        assert re.fullmatch(rf"gradcam/\d{{5}}_{hashed}_p[0-9.]+\.png", images.loc[path, "cam_path"])
+    reasons = dict(zip(skipped["reason"], skipped["input_path"]))
+    assert re.fullmatch(rf".*/pacs/{folder_name}/{hashed}\.dcm", reasons["unreadable image"])
+    assert re.fullmatch(rf"copy/{hashed}\.dcm", reasons["file not found"])
+    (detail,) = skipped.loc[skipped["reason"] == "file not found", "detail"]
+    assert re.fullmatch(rf".*/copy/{hashed}\.dcm", detail)  # the full path read, masked too
+    config = (out / "config.json").read_text()
+    assert f"pacs/{folder_name}" in config and "list.csv" in config  # the inputs given, masked alike
+    assert f"{folder_name}/uid-" in log.out  # the skips are logged by their masked paths
