@@ -3,10 +3,12 @@
 Every figure is read from a metrics file (nothing is recomputed here), shown with its
 patient-bootstrap 95% interval: the splits (02), the age router (03), the fracture models, the
 operating points of the decision 07 deploys, calibration and subgroups (04), bone age (05) and the
-Grad-CAM++ overlays (06). A section whose stage has not run says so instead of failing. run_all.py
-runs it last; the commands it ran are read from OUT/manifests/.
+Grad-CAM++ overlays (06). A section whose stage has not run says so instead of failing, and why
+when the run tells: a track given no data (01's test_report.json has no split for it, as after
+`run_all.py --data D` alone for bone age) is "Not run: no ... data given", otherwise "Not run
+yet". run_all.py runs it last; the commands it ran are read from OUT/manifests/.
 
-Reads   OUT/splits/split_report.md, OUT/age/metrics.json, OUT/fracture/{summary.csv,
+Reads   OUT/splits/{split_report.md,test_report.json}, OUT/age/metrics.json, OUT/fracture/{summary.csv,
         operating_points.csv, calibration.json, subgroups.csv}, OUT/boneage/metrics.json,
         OUT/gradcam/index.csv, OUT/manifests/*.json
 Writes  OUT/REPORT.md
@@ -26,6 +28,8 @@ import pandas as pd
 import common
 
 SCOPES_SHOWN = ("cascade_true", "cascade_pred", "study_pred")
+TRACK_DATA = {"wrist": "no wrist data given (run_all.py --data)",
+              "boneage": "no bone-age data given (run_all.py --boneage-data)"}
 
 
 def parse_args(argv=None):
@@ -71,6 +75,16 @@ def with_ci(record: dict, name: str, low: str | None = None, high: str | None = 
     return f"{fmt(value)} [{fmt(record.get(low or f'{name}_lo'))}, {fmt(record.get(high or f'{name}_hi'))}]"
 
 
+def _not_run(out: Path, track: str) -> str:
+    """Why a track's section is empty: 01 split no data for it (the run was not given its data),
+    or its stage is still to run. 01's test_report.json holds null for a track it did not split."""
+    report = out / "splits" / "test_report.json"
+    splits = common.read_json(report) if report.is_file() else {}
+    if track in splits and splits[track] is None:
+        return f"_Not run: {TRACK_DATA[track]}._"
+    return "_Not run yet._"
+
+
 def _report_splits(out: Path) -> list[str]:
     report = out / "splits" / "split_report.md"
     if not report.is_file():
@@ -84,7 +98,7 @@ def _report_splits(out: Path) -> list[str]:
 def _report_age(out: Path) -> list[str]:
     path = out / "age" / "metrics.json"
     if not path.is_file():
-        return ["## Age-group router (03)", "", "_Not run yet._", ""]
+        return ["## Age-group router (03)", "", _not_run(out, "wrist"), ""]
     metrics = common.read_json(path)
     test, val = metrics["test"], metrics.get("val", {})
     return ["## Age-group router (03)", "",
@@ -98,7 +112,7 @@ def _report_age(out: Path) -> list[str]:
 def _report_fracture(out: Path) -> list[str]:
     path = out / "fracture" / "summary.csv"
     if not path.is_file():
-        return ["## Fracture models (04)", "", "_Not run yet._", ""]
+        return ["## Fracture models (04)", "", _not_run(out, "wrist"), ""]
     summary = pd.read_csv(path)
     lines = ["## Fracture models (04)", "",
              "Test AUC, sensitivity and specificity at the threshold chosen on validation (Youden's J).", "",
@@ -222,7 +236,7 @@ def _report_ablation(out: Path) -> list[str]:
 def _report_boneage(out: Path) -> list[str]:
     path = out / "boneage" / "metrics.json"
     if not path.is_file():
-        return ["## Bone age (05)", "", "_Not run yet._", ""]
+        return ["## Bone age (05)", "", _not_run(out, "boneage"), ""]
     test = common.read_json(path)["test"]
     lines = ["## Bone age (05)", "",
              f"Test set of {test['n']} images; predicting the training mean gives MAE "
@@ -244,7 +258,7 @@ def _boneage_row(name: str, values: dict) -> str:
 def _report_gradcam(out: Path) -> list[str]:
     path = out / "gradcam" / "index.csv"
     if not path.is_file():
-        return ["## Grad-CAM++ (06)", "", "_Not run yet._", ""]
+        return ["## Grad-CAM++ (06)", "", _not_run(out, "wrist"), ""]
     index = pd.read_csv(path)
     grids = sorted((out / "gradcam").glob("*/*/grid.png"))
     return ["## Grad-CAM++ (06)", "",

@@ -144,3 +144,27 @@ def test_report_figures_equal_the_metrics_files(evaluated):
     for name, cell in zip(("mae", "rmse", "r2", "bias"), cells[2:]):
         assert _with_ci(cell) == [round(boneage[name], 3), round(boneage[f"{name}_lo"], 3),
                                   round(boneage[f"{name}_hi"], 3)]
+
+
+def _section(report: str, heading: str) -> str:
+    """The text of one '## heading' section of REPORT.md, up to the next '## '."""
+    return report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0].strip()
+
+
+@pytest.mark.parametrize("given, left_out", [("wrist", "boneage"), ("boneage", "wrist")])
+def test_report_says_a_track_given_no_data_was_not_run_and_why(small_demo, tmp_path, given, left_out):
+    """run_all.py with one track's data: the other track's sections say why they are empty, the
+    given track's stages that have not run yet say just that."""
+    flag, folder = {"wrist": ("--data", "grazpedwri"), "boneage": ("--boneage-data", "rsna_boneage")}[given]
+    load_stage("01_split_test").main([flag, str(small_demo / folder), "--out", str(tmp_path), "--preset", "demo",
+                                      "--per-cell", "2"])
+    load_stage("08_report").main(["--out", str(tmp_path)])
+    report = (tmp_path / "REPORT.md").read_text()
+    sections = {"wrist": ["Age-group router (03)", "Fracture models (04)", "Grad-CAM++ (06)"],
+                "boneage": ["Bone age (05)"]}
+    not_given = {"wrist": "_Not run: no wrist data given (run_all.py --data)._",
+                 "boneage": "_Not run: no bone-age data given (run_all.py --boneage-data)._"}
+    for heading in sections[left_out]:
+        assert _section(report, heading) == not_given[left_out], heading
+    for heading in sections[given]:
+        assert _section(report, heading) == "_Not run yet._", heading
