@@ -250,7 +250,7 @@ def library_versions() -> dict:
     return versions
 
 
-def write_run_config(folder: Path, args: argparse.Namespace, hide: Callable[[str], str] | None = None,
+def write_run_config(folder: Path, args: argparse.Namespace, *, hide: Callable[[str], str] | None = None,
                      **extra) -> Path:
     """Record how a stage was run beside its outputs: command line, resolved flags, versions.
 
