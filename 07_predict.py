@@ -171,11 +171,6 @@ def _age_edges(fracture_models: dict) -> tuple[float, ...]:
     return tuple(float(e) for e in checkpoint["age_edges"])
 
 
-def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -> None:
-    images.at[index, "boneage_skip"] = f"bone age: {reason}"
-    images.at[index, "boneage_detail"] = " ".join(str(detail).split())
-
-
 def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, device) -> None:
     """The group of a given age with the models' edges; otherwise the 03 router's prediction."""
     images["age_group"], images["age_group_source"] = None, None
@@ -253,7 +248,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         if model_path is None:
             for index in members.index:
                 common.skip_image(images, index, "no fracture model for the group",
-                      _missing_model_detail(args.models, projection, group, edges))
+                                  _missing_model_detail(args.models, projection, group, edges))
             continue
         model, checkpoint = common.load_trained_model(model_path, device)
         _check_edges(checkpoint, edges, model_path)
@@ -307,6 +302,11 @@ def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> 
                                         "bone age", _skip_bone_age):
         male = torch.tensor([int(images.at[i, "sex"] == "M") for i in indices], dtype=torch.long)
         images.loc[indices, "bone_age_months"] = _infer(model, squares, device, male).numpy().astype(float)
+
+
+def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -> None:
+    images.at[index, "boneage_skip"] = f"bone age: {reason}"
+    images.at[index, "boneage_detail"] = " ".join(str(detail).split())
 
 
 def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
