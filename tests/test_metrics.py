@@ -46,6 +46,44 @@ def test_binary_metrics_match_scikit_learn():
     assert common.calibration_metrics(labels, probs)["brier"] == pytest.approx(brier_score_loss(labels, probs))
 
 
+def test_every_bootstrap_resample_equals_scikit_learn_on_its_rows():
+    """The bootstrap scores all resamples at once from patient counts (weights); each resample's
+    values must equal scikit-learn's on the rows that resample repeats, ties and repeats included."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+    labels, probs, patients = scores(60, seed=5)
+    probs = np.round(probs, 1)  # many ties
+    classes_true, classes_pred = labels + (probs > 0.7), (probs * 3).astype(int)  # 3-4 classes
+    months = np.linspace(10, 200, len(labels))
+    estimate = months + probs * 40 - 15
+    weights = next(common.patient_resample_counts(patients, n_boot=25, seed=7))
+    assert weights.shape == (25, len(labels))
+    binary = common._decision_metrics(weights, labels, probs, probs >= 0.5, prevalence=None)
+    statistics = {"regression": common._regression_statistics(months, estimate)(weights),
+                  "classification": common._classification_statistics(classes_true, classes_pred)(weights)}
+    for b, counts in enumerate(weights.astype(int)):
+        rows = np.repeat(np.arange(len(labels)), counts)
+        y, p = labels[rows], probs[rows]
+        predicted = (p >= 0.5).astype(int)
+        expected = {"auc": roc_auc_score(y, p) if len(np.unique(y)) == 2 else np.nan,
+                    "sensitivity": recall_score(y, predicted, zero_division=np.nan),
+                    "specificity": recall_score(y, predicted, pos_label=0, zero_division=np.nan),
+                    "ppv": precision_score(y, predicted, zero_division=np.nan),
+                    "npv": precision_score(y, predicted, pos_label=0, zero_division=np.nan),
+                    "f1": f1_score(y, predicted), "accuracy": accuracy_score(y, predicted)}
+        for name, value in expected.items():
+            assert binary[name][b] == pytest.approx(value, abs=1e-12, nan_ok=True), (b, name)
+        regression = statistics["regression"]
+        assert regression["mae"][b] == pytest.approx(mean_absolute_error(months[rows], estimate[rows]))
+        assert regression["rmse"][b] == pytest.approx(np.sqrt(mean_squared_error(months[rows], estimate[rows])))
+        assert regression["r2"][b] == pytest.approx(r2_score(months[rows], estimate[rows]))
+        assert regression["bias"][b] == pytest.approx(np.mean(estimate[rows] - months[rows]))
+        classification = statistics["classification"]
+        every_class = np.unique(np.concatenate([classes_true, classes_pred]))
+        assert classification["accuracy"][b] == pytest.approx(accuracy_score(classes_true[rows], classes_pred[rows]))
+        assert classification["macro_f1"][b] == pytest.approx(f1_score(
+            classes_true[rows], classes_pred[rows], labels=every_class, average="macro", zero_division=0))
+
+
 def test_intervals_contain_the_estimate_and_narrow_with_more_patients():
     widths = {}
     for n_patients in (40, 400):
