@@ -203,7 +203,10 @@ def _fingerprint(stage: Stage, command: list[str], args) -> str:
     """Hash of the stage's command-line settings, its inputs' contents and its code."""
     digest = hashlib.sha256()
     # --force is how a stage was run, not what it makes: a forced run leaves the stage up to date.
-    settings = [c for c in command if not c.startswith("--standalone") and c != "--force"]
+    # Where the output folder lies is not a setting: a run folder copied or moved elsewhere is
+    # still up to date, so its inputs are named relative to it.
+    settings = ["<out>" if c == str(args.out) else c for c in command
+                if not c.startswith("--standalone") and c != "--force"]
     digest.update(json.dumps(settings[settings.index(stage.script):]).encode())
     sources = [args.out / name for track in args.tracks for name in stage.inputs.get(track, [])]
     if stage.name == "01":
@@ -213,9 +216,18 @@ def _fingerprint(stage: Stage, command: list[str], args) -> str:
         if args.boneage_data is not None:
             sources.append(common.find_boneage_csv(args.boneage_data))
     for path in [*sources, common.ROOT / stage.script, common.ROOT / "common.py"]:
-        digest.update(str(path).encode())
+        digest.update(_where(path, args.out).encode())
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
     return digest.hexdigest()
+
+
+def _where(path: Path, out: Path) -> str:
+    """A source's name for the fingerprint: relative to the run folder or the code folder, so a
+    moved run or checkout stays up to date (the contents are hashed beside it)."""
+    for base in (out, common.ROOT):
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    return str(path)
 
 
 def _up_to_date(stage: Stage, manifest: Path, fingerprint: str, out: Path, tracks: list[str]) -> bool:

@@ -1,12 +1,22 @@
-"""Shared pytest fixtures: the repo on sys.path, a small demo dataset, the real reference files."""
+"""Shared pytest fixtures: the repo on sys.path, a small demo dataset, its splits, one trained run
+of every stage, the real reference files.
+
+The expensive fixtures are built once per test session, also when pytest-xdist runs the suite on
+several workers (README's test command): the first worker to need one builds it under a file lock
+in the folder all workers share, the others wait for it and read it. Tests only read them; a test
+that changes a run works on its own copy.
+"""
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -14,6 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker, for torch here and for the stages tests start: torch's default
+    # (every core) in each of several workers oversubscribes the cores and slows all of them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
 
 
 def load_stage(name: str):
@@ -37,13 +54,28 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` that `build(folder)` fills, built once for the whole session (all xdist
+    workers): a half-built folder from a failed build is never served, the next caller rebuilds."""
+    import common
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, shared by every worker's popen-gwK/
+    folder, done = base / name, base / f"{name}.done"
+    with common._cache_lock(base / f"{name}.lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
     """A small demo of both datasets (session-wide): <dir>/grazpedwri and <dir>/rsna_boneage."""
-    out = tmp_path_factory.mktemp("demo")
-    load_make_demo().main(["--out", str(out), "--wrist-patients", "160", "--boneage-images", "120",
-                           "--seed", "0"])
-    return out
+    return built_once(tmp_path_factory, "demo", lambda out: load_make_demo().main(
+        ["--out", str(out), "--wrist-patients", "160", "--boneage-images", "120", "--seed", "0"]))
 
 
 @dataclass
@@ -62,13 +94,59 @@ class DemoSplits:
 
 @pytest.fixture(scope="session")
 def demo_splits(small_demo, tmp_path_factory) -> DemoSplits:
-    out = tmp_path_factory.mktemp("demo_splits")
-    flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
-             "--out", str(out), "--preset", "demo"]
-    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
-    load_stage("02_split_trainval").main(flags)
-    cache = tmp_path_factory.mktemp("image_cache")
+    def build(out: Path) -> None:
+        flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
+                 "--out", str(out), "--preset", "demo"]
+        load_stage("01_split_test").main([*flags, "--per-cell", "2"])
+        load_stage("02_split_trainval").main(flags)
+
+    out = built_once(tmp_path_factory, "demo_splits", build)
+    cache = built_once(tmp_path_factory, "image_cache", lambda folder: None)  # filled by the stages, under its own lock
     return DemoSplits(out, cache)
+
+
+def run_all(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python run_all.py ARGS` from the repository root, output captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "run_all.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def data_flags(demo: Path) -> list[str]:
+    return ["--data", str(demo / "grazpedwri"), "--boneage-data", str(demo / "rsna_boneage")]
+
+
+# One small run of every stage through run_all.py: 1 epoch each at 48 px, every fracture group and
+# the pooled models, MLflow tracking on 04 and 05. Tests of outputs, reruns, the report and 07 read it.
+QUICK = ["--preset", "demo", "--device", "cpu",
+         "--extra", "01=--per-cell 2",
+         "--extra", "03=--epochs 1 --image-size 48",
+         "--extra", "04=--epochs 1 --image-size 48 --bootstrap 100 --min-epoch-samples 0 --mlflow",
+         "--extra", "05=--epochs 1 --image-size 48 --mlflow",
+         "--extra", "06=--max-per-model 2"]
+
+
+@dataclass
+class TrainedRun:
+    out: Path
+    stdout: str
+
+    def copy_to(self, target: Path) -> Path:
+        """A copy of the run that a test may change (run_all.py skips what is up to date in it)."""
+        shutil.copytree(self.out, target, symlinks=True)
+        return target
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_demo, tmp_path_factory) -> TrainedRun:
+    """run_all.py on the small demo, every stage, once per session. Read it; change a copy_to()."""
+    def build(out: Path) -> None:
+        result = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
+        (out / "run_all.log").write_text(result.stdout)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    out = built_once(tmp_path_factory, "trained_run", build)
+    return TrainedRun(out, (out / "run_all.log").read_text())
 
 
 def cr_dicom() -> Path:

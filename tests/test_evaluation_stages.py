@@ -13,24 +13,11 @@ import pytest
 import common
 from conftest import load_stage
 
-FAST = ["--image-size", "32", "--batch-size", "16", "--device", "cpu", "--epochs", "1", "--bootstrap", "50"]
-
 
 @pytest.fixture(scope="module")
-def evaluated(small_demo, tmp_path_factory):
-    """Splits, a perfect stand-in for 03's router (its predictions file), 04 and 05 with --mlflow, 08."""
-    out = tmp_path_factory.mktemp("evaluated")
-    flags = ["--data", str(small_demo / "grazpedwri"), "--boneage-data", str(small_demo / "rsna_boneage"),
-             "--out", str(out), "--preset", "demo"]
-    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
-    load_stage("02_split_trainval").main(flags)
-    frames = pd.concat([common.read_split(out, "wrist", split).assign(split=split) for split in ("train", "val", "test")])
-    common.write_csv(frames[["filestem", "split", "age_group"]].assign(age_group_pred=frames["age_group"]),
-                     out / "age" / "predictions.csv")
-    load_stage("04_train_fracture_ddp").main([*flags, *FAST, "--min-epoch-samples", "64", "--mlflow"])
-    load_stage("05_train_boneage").main([*flags, *FAST, "--mlflow"])
-    load_stage("08_report").main(["--out", str(out)])
-    return out
+def evaluated(trained_run):
+    """The session's run of every stage (conftest.trained_run: 04 and 05 with --mlflow, then 08)."""
+    return trained_run.out
 
 
 def test_operating_points_calibration_and_subgroups(evaluated):
@@ -75,8 +62,9 @@ def test_mlflow_tracks_params_epochs_metrics_plots_and_model_under_out(evaluated
 
 def test_study_pred_is_what_07_decides_for_the_same_images(evaluated, tmp_path):
     test = common.read_split(evaluated, "wrist", "test")
+    # No age: 07 routes each image with 03's router, as 04's study_pred did.
     worklist = pd.DataFrame({"path": test["image_path"], "projection": test["projection_name"],
-                             "age": test["age"], "patient_id": test["patient_id"],
+                             "patient_id": test["patient_id"],
                              "study_id": test["patient_id"].astype(str) + "-" + test["study_number"].astype(str),
                              "laterality": test["laterality"]})
     worklist.to_csv(tmp_path / "worklist.csv", index=False)

@@ -2,35 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT
-
-QUICK = ["--preset", "demo", "--device", "cpu",
-         "--extra", "01=--per-cell 2",
-         "--extra", "03=--epochs 1 --image-size 48",
-         "--extra", "04=--epochs 1 --image-size 48 --groups 1,2 --bootstrap 50 --min-epoch-samples 0",
-         "--extra", "05=--epochs 1 --image-size 48",
-         "--extra", "06=--max-per-model 2"]
-
-
-def run_all(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "run_all.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def data_flags(demo: Path) -> list[str]:
-    return ["--data", str(demo / "grazpedwri"), "--boneage-data", str(demo / "rsna_boneage")]
-
+from conftest import QUICK, data_flags, run_all
 
 def digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -46,16 +26,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) ->
         assert phrase in result.stderr, result.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def finished_run(small_demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run_all")
-    result = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
-
-
-def test_every_stage_output_and_the_report(finished_run):
-    out, result = finished_run
+def test_every_stage_output_and_the_report(trained_run):
+    """The session's run of every stage (conftest.trained_run): run_all.py's own outputs."""
+    out, stdout = trained_run.out, trained_run.stdout
     for name in ["splits/wrist_test.csv", "splits/wrist_train.csv", "splits/boneage_val.csv",
                  "splits/split_report.md", "age/best.pt", "age/predictions.csv", "age/metrics.json",
                  "fracture/summary.csv", "fracture/test_predictions.csv", "boneage/best.pt",
@@ -69,28 +42,24 @@ def test_every_stage_output_and_the_report(finished_run):
     assert "leak check: PASS" in report
     assert "torch.distributed.run" in report  # the exact commands are recorded
     # every stage's command line is printed so it can be copied and rerun
-    assert result.stdout.count("$ ") >= 6
+    assert stdout.count("$ ") >= 6
 
 
-def test_second_run_trains_nothing(finished_run, small_demo):
-    out, _ = finished_run
-    # Another test of this module reruns a stage with other settings in the same folder; bring it
-    # back to these settings first, so this test passes alone and in any order.
-    settled = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
-    assert settled.returncode == 0, settled.stderr[-2000:]
+def test_second_run_trains_nothing_even_in_a_moved_folder(trained_run, small_demo, tmp_path):
+    out = trained_run.copy_to(tmp_path / "moved")  # up to date wherever the run folder now lies
     before = digest(out / "fracture")
     start = time.perf_counter()
     again = run_all(*data_flags(small_demo), "--out", str(out), *QUICK)
     seconds = time.perf_counter() - start
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("up to date, skipped") == 7  # 01-06 and the report (08)
+    assert again.stdout.count("up to date, skipped") == 7, again.stdout  # 01-06 and the report (08)
     assert "epoch" not in again.stdout
     assert digest(out / "fracture") == before
     assert seconds < 60, seconds
 
 
-def test_changed_settings_rerun_only_that_stage_and_later(finished_run, small_demo):
-    out, _ = finished_run
+def test_changed_settings_rerun_only_that_stage_and_later(trained_run, small_demo, tmp_path):
+    out = trained_run.copy_to(tmp_path / "changed")
     changed = [*QUICK[:-2], "--extra", "06=--max-per-model 1"]
     result = run_all(*data_flags(small_demo), "--out", str(out), *changed)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -98,16 +67,14 @@ def test_changed_settings_rerun_only_that_stage_and_later(finished_run, small_de
     assert "[stage 06] $" in result.stdout
 
 
-def test_failed_stage_leaves_earlier_outputs_intact(finished_run, small_demo, tmp_path):
-    out, _ = finished_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
+def test_failed_stage_leaves_earlier_outputs_intact(trained_run, small_demo, tmp_path):
+    copy = trained_run.copy_to(tmp_path / "copy")
     before = digest(copy / "splits")
     result = run_all(*data_flags(small_demo), "--out", str(copy), *QUICK, "--only", "04",
                      "--extra", "04=--arch convnextv9_huge")
     assert_one_line_error(result, "not a timm architecture", "stage 04 failed")
     assert digest(copy / "splits") == before
-    assert pd.read_csv(copy / "fracture" / "summary.csv").equals(pd.read_csv(out / "fracture" / "summary.csv"))
+    assert pd.read_csv(copy / "fracture" / "summary.csv").equals(pd.read_csv(trained_run.out / "fracture" / "summary.csv"))
 
 
 def test_missing_data_folder(tmp_path):

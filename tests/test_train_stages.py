@@ -41,17 +41,8 @@ def _run(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> 
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def routed_out(split_out):
-    """split_out after 03 has run: 04 reads the router's predictions for its predicted-group
-    cascade, so a test of 04 needs them whatever ran before it."""
-    out, flags = split_out
-    load_stage("03_train_age").main([*flags, *FAST, "--epochs", "2"])
-    return out, flags
-
-
-def test_router_writes_predictions_for_every_image(routed_out):
-    out, flags = routed_out
+def test_router_writes_predictions_for_every_image(trained_run):
+    out = trained_run.out
     predictions = pd.read_csv(out / "age" / "predictions.csv", dtype={"filestem": str})
     sizes = {split: len(common.read_split(out, "wrist", split)) for split in ("train", "val", "test")}
     assert predictions["split"].value_counts().to_dict() == sizes
@@ -66,10 +57,8 @@ def test_router_writes_predictions_for_every_image(routed_out):
     assert (out / "age" / "confusion.png").stat().st_size > 0
 
 
-def test_fracture_stage_outputs_and_skips(routed_out):
-    out, flags = routed_out
-    load_stage("04_train_fracture_ddp").main([*flags, *FAST, "--epochs", "2", "--bootstrap", "100",
-                                              "--min-epoch-samples", "0"])
+def test_fracture_stage_outputs_and_skips(trained_run):
+    out = trained_run.out  # 04 after 03: its predicted-group cascade reads the router's predictions
     summary = pd.read_csv(out / "fracture" / "summary.csv")
     models = summary[summary["kind"] == "model"]
     assert len(models) == 8  # AP and Lat x 4 age groups: trained or skipped with a reason
