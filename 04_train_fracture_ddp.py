@@ -6,8 +6,8 @@ test predictions are gathered from all ranks and scored once, and rank 0 alone w
 
 Pooled start, per-group finish (--init pooled, default): per projection, a model trained on ALL
 age groups first (evaluated like a group model), then each group model fine-tuned from it at
---finetune-lr: the youngest groups' few dozen images are too few to learn a thin cortical line
-from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt). --ablation also trains the
+--finetune-lr for up to --finetune-epochs: the youngest groups' few dozen images are too few to
+learn a thin cortical line from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt). --ablation also trains the
 other arm into OUT/fracture/ablation/<arm>/: ablation.csv compares the pooled model alone, groups
 from scratch and groups from pooled on the same test images.
 
@@ -60,10 +60,16 @@ PRESETS = {
     # timm's test_resnet (0.4 M parameters) learns the demo's cortical breaks at 64 px within a
     # CPU budget (measured: val AUC 0.93 on the largest group in 10 epochs); ConvNeXt from scratch
     # does not (PERFORMANCE.md). The full preset is the original ConvNeXtV2-L at 384 px.
+    # The demo's size and fine-tuning epochs were chosen by measurement (2 idle cores, AP models
+    # of the default demo: pooled + 4 groups, test AUC of the 26 subtle / 54 obvious fractures
+    # against all 80 normals, fine-tuned arm): 64 px 0.79 / 0.88 in 121 s; 96 px 0.82 / 0.90 in
+    # 209 s; 128 px 0.83 / 0.92 in 309 s (every CI overlaps, e.g. subtle [0.68, 0.89] at 64 px and
+    # [0.69, 0.92] at 128 px); 64 px with 5 fine-tuning epochs instead of 10: 0.83 / 0.88 in 96 s.
+    # A larger image would not fit the whole demo into 10 minutes; see README "Performance".
     "demo": {"arch": "test_resnet", "epochs": 10, "batch_size": 32, "lr": 3e-3, "patience": 4,
-             "finetune_lr": 1e-3},
+             "finetune_lr": 1e-3, "finetune_epochs": 5},
     "full": {"arch": "convnextv2_large.fcmae_ft_in22k_in1k_384", "epochs": 30, "batch_size": 32,
-             "lr": 5e-5, "patience": 6, "finetune_lr": 2e-5},
+             "lr": 5e-5, "patience": 6, "finetune_lr": 2e-5, "finetune_epochs": 30},
 }
 
 
@@ -88,11 +94,17 @@ def parse_args(argv=None):
                              "trained first; default), scratch, or a checkpoint FILE (best.pt/last.pt)")
     parser.add_argument("--finetune-lr", type=float,
                         help="peak learning rate of a group model that starts from weights (default: per preset)")
+    parser.add_argument("--finetune-epochs", type=int,
+                        help="maximum epochs of a group model that starts from weights (default: per "
+                             "preset, at most --epochs)")
     parser.add_argument("--ablation", action="store_true",
                         help="also train the other arm (scratch or from pooled) for ablation.csv")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     args = common.resolve_common_args(parser.parse_args(argv))
+    finetune_epochs_given = args.finetune_epochs is not None
     common.apply_training_preset(args, PRESETS, common.IMAGE_SIZE[args.preset])
+    if not finetune_epochs_given:  # the preset's, but never more than --epochs (--epochs 1: a smoke test)
+        args.finetune_epochs = min(args.finetune_epochs, args.epochs)
     args.projections = [p.strip() for p in args.projections.split(",")]
     unknown = [p for p in args.projections if p not in common.PROJECTIONS]
     if unknown:
@@ -242,8 +254,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
         start = f"{init[1]}:{common.weights_fingerprint(model.state_dict())}"
     prevalence = float(parts["train"]["label"].mean())
     alpha = 0.5 if args.sampler == "balanced" else 1.0 - prevalence
-    settings = common.TrainSettings(epochs=args.epochs, batch_size=args.batch_size,
-                                    lr=args.lr if init is None else args.finetune_lr,
+    settings = common.TrainSettings(epochs=args.epochs if init is None else args.finetune_epochs,
+                                    batch_size=args.batch_size, lr=args.lr if init is None else args.finetune_lr,
                                     patience=args.patience, workers=args.workers,
                                     compile=args.compile, monitor="auc", seed=args.seed,
                                     min_epoch_samples=args.min_epoch_samples, force=args.force)

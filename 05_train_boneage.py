@@ -177,8 +177,7 @@ def l1_loss(predicted_months, batch):
 
 
 def predict_months(model, dataset, forward, args, info) -> np.ndarray:
-    return common.predict(model, dataset, forward, batch_size=args.batch_size, info=info,
-                          channels_last=info.device.type == "cuda")
+    return common.predict(model, dataset, forward, batch_size=args.batch_size, info=info)
 
 
 def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: float, args,

@@ -230,7 +230,7 @@ def _infer(model, squares: np.ndarray, device, *extra):
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                 enabled=device.type == "cuda"):
         batch = common.prepare_images(torch.from_numpy(squares).unsqueeze(1), device, train=False,
-                                      channels_last=False)
+                                      channels_last=True)  # as common.predict, for the same numbers
         return model(batch, *(e.to(device) for e in extra)).float().cpu()
 
 

@@ -4,7 +4,7 @@ Times the call 07_predict.py makes for each batch (its `_infer`: host-to-device 
 bf16 autocast on CUDA, fp32 on CPU) on --batch-size real radiographs preprocessed exactly as 07
 does (common.preprocess_image, letterboxed to --image-size). The model is --arch in eval mode with
 random weights: speed does not depend on the weights, so no trained checkpoint is needed. Also
-reported: the same call with the model and batch in channels_last (07 does not convert them), and
+reported: the same call with the model in channels_last too (07 converts only the batch), and
 how many images a second one CPU core decodes and letterboxes (07 does that in its own process
 before each batch).
 
@@ -78,7 +78,7 @@ def _preprocessed_batch(args) -> tuple[np.ndarray, float]:
 
 
 def _timed_channels_last(model, squares: np.ndarray, device, args) -> float:
-    """07's forward pass with the model and the batch in channels_last (as training on CUDA)."""
+    """07's forward pass with the model in channels_last as well as the batch (as in training)."""
     import torch
     model = model.to(memory_format=torch.channels_last)
 

@@ -123,7 +123,8 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
 
     monkeypatch.setattr(common, "fit", recording_fit)
     load_stage("04_train_fracture_ddp").main([*flags[:4], "--out", str(run_out), "--preset", "demo", *TINY,
-                                              "--projections", "AP", "--epochs", "1", "--ablation"])
+                                              "--projections", "AP", "--epochs", "2", "--finetune-epochs", "1",
+                                              "--ablation"])
     pooled = torch.load(run_out / "fracture" / "AP" / "pooled" / "best.pt", weights_only=True)["state_dict"]
     summary = pd.read_csv(run_out / "fracture" / "summary.csv")
     trained = summary[(summary["kind"] == "model") & (summary["status"] == "trained")]
@@ -134,6 +135,9 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
         assert not all(torch.equal(scratch[k], pooled[k]) for k in pooled if k.endswith("weight"))
         meta = torch.load(run_out / "fracture" / "AP" / f"group{group}" / "last.pt", weights_only=True)["meta"]
         assert meta["init"].startswith("pooled:") and meta["settings"]["lr"] == pytest.approx(1e-3)
+        assert meta["settings"]["epochs"] == 1  # --finetune-epochs; the pooled model and scratch arm: --epochs
+        assert len(pd.read_csv(run_out / "fracture" / "ablation" / "scratch" / "AP" / f"group{group}" / "history.csv")) == 2
+    assert len(pd.read_csv(run_out / "fracture" / "AP" / "pooled" / "history.csv")) == 2
     assert set(trained["init"]) == {"pooled"} and trained["threshold_source"].str.len().gt(0).all()
     ablation = pd.read_csv(run_out / "fracture" / "ablation.csv")
     assert list(ablation.columns) == ["arm", "scope", "n", "auc", "auc_lo", "auc_hi"]
@@ -238,6 +242,14 @@ def test_fine_tuned_model_resumes_and_a_changed_start_does_not(splits, tmp_path)
     assert torch.load(group_dir / "last.pt", weights_only=True)["meta"]["init"].startswith("other_start.pt:")
     summary = pd.read_csv(run_out / "fracture" / "summary.csv")
     assert "pooled" not in set(summary["kind"])  # --init FILE trains no pooled model
+
+
+def test_finetune_epochs_default_to_the_preset_but_never_exceed_epochs():
+    stage = load_stage("04_train_fracture_ddp")
+    preset = stage.PRESETS["demo"]["finetune_epochs"]
+    assert stage.parse_args(["--preset", "demo"]).finetune_epochs == preset
+    assert stage.parse_args(["--preset", "demo", "--epochs", "1"]).finetune_epochs == 1  # a smoke test stays one epoch
+    assert stage.parse_args(["--preset", "demo", "--epochs", "1", "--finetune-epochs", "3"]).finetune_epochs == 3
 
 
 def test_init_file_must_exist(splits, tmp_path):
