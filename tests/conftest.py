@@ -33,6 +33,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Order of the files for pytest-xdist (whole files per worker, handed out in this order): one
+# reader of the shared trained run first, so one worker builds it while the others take the
+# longest files (measured with --durations); then the rest alphabetically, and the other readers
+# last, when the run is there. Nobody waits for the build and no worker is left alone with a long
+# file at the end. Without -n the order changes nothing.
+FIRST_READER = "test_evaluation_stages.py"
+LONGEST_FIRST = ["test_gpu_acceptance.py", "test_distributed.py", "test_subtle_training.py",
+                 "test_boneage.py", "test_tracks.py", "test_splits.py", "test_gradcam.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    readers = {item.path.name for item in items if "trained_run" in getattr(item, "fixturenames", ())}
+
+    def rank(item):
+        name = item.path.name
+        if name == FIRST_READER:
+            return (0, "")
+        if name in readers:
+            return (3, name)
+        return (1, f"{LONGEST_FIRST.index(name):03d}") if name in LONGEST_FIRST else (2, name)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 def load_stage(name: str):
     """Import a numbered stage (e.g. '04_train_fracture_ddp') as a module, without running it."""
     return importlib.import_module(name)

@@ -94,6 +94,12 @@ def _cells(report: str, first: str, width: int) -> list[list[str]]:
     return [cells for cells in rows if len(cells) == width]
 
 
+def _shown(value) -> float:
+    """`value` as the report shows it (3 decimals). Python's round on a float: numpy's rounds
+    0.3675 via 367.5 to 0.368, while the double closest to 0.3675 lies below it (0.367)."""
+    return round(float(value), 3)
+
+
 def _with_ci(cell: str) -> list[float]:
     return [float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups()]
 
@@ -109,20 +115,20 @@ def test_report_figures_equal_the_metrics_files(evaluated):
             assert cells[2] == f"{int(row['n'])} ({int(row['n_pos'])})"
             for name, cell in zip(names, cells[3:]):
                 if cell != "n/a":
-                    assert _with_ci(cell) == [round(row[name], 3), round(row[f"{name}_lo"], 3),
-                                              round(row[f"{name}_hi"], 3)], (scope, cells[1], name)
+                    assert _with_ci(cell) == [_shown(row[name]), _shown(row[f"{name}_lo"]),
+                                              _shown(row[f"{name}_hi"])], (scope, cells[1], name)
                     checked += 1
     assert checked >= 60
     assert f"({points['prevalence'].iloc[0]:.3f})" in report
     calibration = json.loads((evaluated / "fracture" / "calibration.json").read_text())
     for scope, values in calibration.items():
         (cells,) = _cells(report, scope, 10)
-        assert [float(c) for c in cells[1:9]] == [round(values[k + suffix][m], 3) for suffix in ("", "_at_prevalence")
+        assert [float(c) for c in cells[1:9]] == [_shown(values[k + suffix][m]) for suffix in ("", "_at_prevalence")
                                                   for m in ("brier", "ece") for k in ("raw", "calibrated")]
     summary = pd.read_csv(evaluated / "fracture" / "summary.csv")
     cascade = summary[summary["kind"] == "cascade_pred_group"].iloc[0]
     (cells,) = _cells(report, "cascade pred group", 8)
-    assert _with_ci(cells[3]) == [round(cascade[k], 3) for k in ("test_auc", "test_auc_ci_low", "test_auc_ci_high")]
+    assert _with_ci(cells[3]) == [_shown(cascade[k]) for k in ("test_auc", "test_auc_ci_low", "test_auc_ci_high")]
     subgroups = pd.read_csv(evaluated / "fracture" / "subgroups.csv", dtype={"value": str})
     no_cast = subgroups[(subgroups["subgroup"] == "cast") & (subgroups["value"] == "0")].iloc[0]
     assert f"without a cast {no_cast['auc']:.3f} [{no_cast['auc_lo']:.3f}, {no_cast['auc_hi']:.3f}]" in report
@@ -130,8 +136,8 @@ def test_report_figures_equal_the_metrics_files(evaluated):
     boneage = json.loads((evaluated / "boneage" / "metrics.json").read_text())["test"]
     (cells,) = _cells(report, "all", 6)
     for name, cell in zip(("mae", "rmse", "r2", "bias"), cells[2:]):
-        assert _with_ci(cell) == [round(boneage[name], 3), round(boneage[f"{name}_lo"], 3),
-                                  round(boneage[f"{name}_hi"], 3)]
+        assert _with_ci(cell) == [_shown(boneage[name]), _shown(boneage[f"{name}_lo"]),
+                                  _shown(boneage[f"{name}_hi"])]
 
 
 def _section(report: str, heading: str) -> str:
