@@ -7,9 +7,9 @@ test predictions are gathered from all ranks and scored once, and rank 0 alone w
 Pooled start, per-group finish (--init pooled, default): per projection, a model trained on ALL
 age groups first (evaluated like a group model), then each group model fine-tuned from it at
 --finetune-lr for up to --finetune-epochs: the youngest groups' few dozen images are too few to
-learn a thin cortical line from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt). --ablation also trains the
-other arm into OUT/fracture/ablation/<arm>/: ablation.csv compares the pooled model alone, groups
-from scratch and groups from pooled on the same test images.
+learn a thin cortical line from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt).
+--ablation also trains the other arm into OUT/fracture/ablation/<arm>/: ablation.csv compares the
+pooled model alone, groups from scratch and groups from pooled on the same test images.
 
 Reads   OUT/splits/wrist_{train,val,test}.csv, age_groups.json (01/02);
         OUT/age/predictions.csv (03) with --route pred and for the predicted-group cascade

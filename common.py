@@ -2629,32 +2629,12 @@ def estimates_with_ci(statistics: Callable[[np.ndarray], dict], n_rows: int, gro
     return result
 
 
-def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true, y_score, groups,
-                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
-    """Patient-bootstrap percentile CI of any metric(y_true, y_score), one resample at a time
-    (the weighted statistics below do the common metrics for all resamples at once)."""
-    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
-    rows_of = np.arange(len(y_true))
-
-    def statistic(weights):
-        values = []
-        for counts in weights.astype(int):
-            rows = np.repeat(rows_of, counts)
-            try:
-                values.append(float(metric(y_true[rows], y_score[rows])))
-            except ValueError:  # e.g. AUC of a resample with one class: undefined
-                values.append(float("nan"))
-        return {"value": values}
-
-    return bootstrap_intervals(statistic, groups, n_boot, seed, level).get("value", [float("nan")] * 2)
-
-
 def auc_with_ci(labels, probs, patients, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
-    result = estimates_with_ci(lambda weights: {"auc": _weighted_auc(weights, labels, probs)}, len(labels),
-                               patients, n_boot, seed)
     if len(np.unique(labels)) < 2:
         return float("nan"), [float("nan"), float("nan")]
+    result = estimates_with_ci(lambda weights: {"auc": _weighted_auc(weights, labels, probs)}, len(labels),
+                               patients, n_boot, seed)
     return result["auc"], [result["auc_lo"], result["auc_hi"]]
 
 
@@ -2671,13 +2651,15 @@ def _weighted_auc(weights: np.ndarray, labels: np.ndarray, probs: np.ndarray) ->
     """ROC AUC of each weighted resample: the Mann-Whitney U with ties counted half, as
     sklearn's roc_auc_score gives on the resampled rows (tested). Rows are sorted by score once;
     per resample it is a cumulative sum of negative weight below each score level."""
+    if len(probs) == 0:
+        return np.full(len(weights), np.nan)
     order = np.argsort(probs, kind="stable")
     sorted_probs = probs[order]
-    starts = np.flatnonzero(np.r_[True, sorted_probs[1:] != sorted_probs[:-1]]) if len(probs) else np.array([0])
+    starts = np.flatnonzero(np.r_[True, sorted_probs[1:] != sorted_probs[:-1]])  # one per score level
     positive = labels[order].astype(float)
     ordered = weights[:, order]
-    pos = np.add.reduceat(ordered * positive, starts, axis=1) if len(probs) else np.zeros((len(weights), 1))
-    neg = np.add.reduceat(ordered * (1 - positive), starts, axis=1) if len(probs) else np.zeros((len(weights), 1))
+    pos = np.add.reduceat(ordered * positive, starts, axis=1)
+    neg = np.add.reduceat(ordered * (1 - positive), starts, axis=1)
     below = np.cumsum(neg, axis=1) - neg
     return _ratio((pos * (below + 0.5 * neg)).sum(axis=1), pos.sum(axis=1) * neg.sum(axis=1))
 
@@ -2831,8 +2813,8 @@ def calibration_metrics(labels, probs, n_bins: int = 10, prevalence: float | Non
 
 def regression_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:
     """MAE, RMSE, R^2 and mean bias (predicted - true), each with its bootstrap 95% interval."""
-    statistics = _regression_statistics(true, predicted)
-    return {"n": len(np.asarray(true)), **estimates_with_ci(statistics, len(np.asarray(true)), groups, n_boot, seed)}
+    n_rows = len(np.asarray(true))
+    return {"n": n_rows, **estimates_with_ci(_regression_statistics(true, predicted), n_rows, groups, n_boot, seed)}
 
 
 def _regression_statistics(true, predicted) -> Callable[[np.ndarray], dict]:
@@ -2855,8 +2837,8 @@ def classification_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, 
     """Accuracy and macro-F1 of a multi-class prediction with patient-bootstrap 95% intervals
     (macro-F1 over every class seen in `true` or `predicted`, 0 for a class with no true and no
     predicted image in a resample: sklearn's f1_score(labels=..., zero_division=0), tested)."""
-    statistics = _classification_statistics(true, predicted)
-    return {"n": len(np.asarray(true)), **estimates_with_ci(statistics, len(np.asarray(true)), groups, n_boot, seed)}
+    n_rows = len(np.asarray(true))
+    return {"n": n_rows, **estimates_with_ci(_classification_statistics(true, predicted), n_rows, groups, n_boot, seed)}
 
 
 def _classification_statistics(true, predicted) -> Callable[[np.ndarray], dict]:
@@ -3171,9 +3153,9 @@ def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int
 
 
 def _bone_age_error(known: pd.DataFrame, n_boot: int, seed: int) -> dict:
-    true, predicted = known["boneage"].astype(float).to_numpy(), known["bone_age_months"].astype(float).to_numpy()
-    low, high = bootstrap_ci(mean_absolute_error, true, predicted, known["patient_id"].astype(str), n_boot, seed)
-    return {"n": int(len(known)), "mae": mean_absolute_error(true, predicted), "mae_lo": low, "mae_hi": high}
+    errors = regression_metrics_with_ci(known["boneage"].astype(float), known["bone_age_months"].astype(float),
+                                        known["patient_id"].astype(str), n_boot, seed)
+    return {key: errors[key] for key in ("n", "mae", "mae_lo", "mae_hi")}
 
 
 def _subgroup_table(images: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:

@@ -336,8 +336,8 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_for_clustered_data():
     patients = np.repeat(np.arange(40), 10)  # 10 near-identical images per patient
     labels = np.repeat(rng.integers(0, 2, 40), 10)
     scores = np.repeat(rng.random(40), 10) + labels * 0.3 + rng.normal(0, 0.01, 400)
-    by_patient = common.bootstrap_ci(roc_auc_score, labels, scores, patients, n_boot=300)
-    by_image = common.bootstrap_ci(roc_auc_score, labels, scores, np.arange(400), n_boot=300)
+    _, by_patient = common.auc_with_ci(labels, scores, patients, n_boot=300)
+    _, by_image = common.auc_with_ci(labels, scores, np.arange(400), n_boot=300)
     assert by_patient[0] < roc_auc_score(labels, scores) < by_patient[1]
     assert by_patient[1] - by_patient[0] > 1.5 * (by_image[1] - by_image[0])
 
