@@ -2265,7 +2265,10 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
         if info.distributed else model
     if settings.compile:
         train_model = torch.compile(train_model)
-    crash_epoch = int(os.environ.get("PIPELINE_CRASH_AFTER_EPOCH", "0"))  # for resume tests only
+    # For resume tests only: exit after this epoch, in every model or in the one whose folder ends
+    # with PIPELINE_CRASH_RUN (e.g. "Lat/pooled").
+    crash_epoch = int(os.environ.get("PIPELINE_CRASH_AFTER_EPOCH", "0")) \
+        if Path(run_dir).as_posix().endswith(os.environ.get("PIPELINE_CRASH_RUN", "")) else 0
     fail_rank = int(os.environ.get("PIPELINE_FAIL_RANK", "-1"))  # for the fail-fast test only
     audited = False
     for epoch in range(start_epoch, settings.epochs):

@@ -7,7 +7,8 @@ Two independent tracks: wrist (01, 02, 03, 04, 06) runs when --data is given, bo
 05) when --boneage-data is given; with neither, the demo runs both.
 
 03, 04 and 05 run under `python -m torch.distributed.run` (torchrun) with --nproc-per-node
-processes (default: the number of visible GPUs, 1 on CPU); multi-node flags pass through.
+processes (default: the number of visible GPUs, 1 on CPU); multi-node flags pass through. One
+process on one node without --max-restarts runs as plain `python STAGE.py`, the same run.
 
 A stage is skipped when its outputs are complete and its inputs and settings are unchanged since
 it last finished (OUT/manifests/<stage>.json records a hash of both); --force reruns. A run that
@@ -171,10 +172,12 @@ def _command(stage: Stage, args) -> list[str]:
         flags += ["--pretrained", str(_pretrained_file(args.pretrained_dir, PRETRAINED_FILES[stage.name]))]
     flags += args.extra.get(stage.name, [])
     script = stage.script  # stages run with the project folder as working directory
-    if not stage.distributed:
+    nproc = args.nproc_per_node or _visible_gpus(args.device) or 1
+    if not stage.distributed or (nproc == 1 and args.nnodes == 1 and not args.max_restarts):
+        # One process: torchrun would only add a launcher (~4 s of start-up here) around the same
+        # run, since a stage with WORLD_SIZE 1 forms no process group either way.
         return [sys.executable, script, *flags]
-    launcher = [sys.executable, "-m", "torch.distributed.run",
-                "--nproc-per-node", str(args.nproc_per_node or _visible_gpus(args.device) or 1),
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                 "--max-restarts", str(args.max_restarts)]
     if args.nnodes > 1:
         launcher += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),

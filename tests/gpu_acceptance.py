@@ -10,7 +10,8 @@ figures gathered so far:
                       (a) model-only ceiling, (b) the project's training loop from the cache with
                       4 loader workers, (c) the original-style fp32 decode-every-step loop;
                       b/a (goal >= 0.9) and b/c (goal >= 4)
-  03, 04, 05          each stage under torchrun with its full-preset architecture, random init,
+  03, 04, 05          each stage as run_all.py launches it (torchrun for --nproc-per-node 2+)
+                      with its full-preset architecture, random init,
                       bf16 + channels_last (the stages do that on CUDA), --compile, 2 short epochs:
                       exit status, training img/s of the 2nd epoch (the 1st includes compiling)
                       and peak GPU memory (history.csv); 04 trains its largest group only
@@ -166,7 +167,7 @@ def _benchmark_training(args, work: Path, report: dict, step) -> None:
 
 
 def _train_stage(stage: str, args, data: dict, report: dict, step) -> None:
-    """One training stage under torchrun: exit status, img/s and peak GPU memory from history.csv."""
+    """One training stage (under torchrun for 2+ processes): exit status, img/s and peak GPU memory from history.csv."""
     script = {"03": "03_train_age.py", "04": "04_train_fracture_ddp.py", "05": "05_train_boneage.py"}[stage]
     preset = importlib.import_module(Path(script).stem).PRESETS["full"]
     flags = [*data["flags"], "--preset", "full", "--epochs", "2"]
@@ -181,8 +182,10 @@ def _train_stage(stage: str, args, data: dict, report: dict, step) -> None:
                   "--bootstrap", "20" if args.dry_run else "100",
                   "--min-epoch-samples", "32" if args.dry_run else "512"]
         history = data["out"] / "fracture" / data["projection"] / f"group{data['group']}" / "history.csv"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.nproc_per_node), script, *flags]
+    # As run_all.py launches it: torchrun only for 2+ processes (one process forms no process group).
+    launcher = [sys.executable] if args.nproc_per_node == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc_per_node)]
+    command = [*launcher, script, *flags]
     exit_status = step(stage, command)
     size = common.BONEAGE_IMAGE_SIZE["full"] if stage == "05" else common.IMAGE_SIZE["full"]
     what = f"{stage} {DRY_ARCH if args.dry_run else preset['arch']} @{32 if args.dry_run else size} px"

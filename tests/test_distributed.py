@@ -1,6 +1,6 @@
 """03 and 04 under torchrun on 2 gloo CPU ranks: DDP partitioning of an uneven global batch,
-torchrun's restart and the resume after a crash, fail-fast on one rank's error, two nodes sharing
-one output folder. (05's launch: test_boneage.py; 04's pooled start on 2 ranks: test_subtle_training.py.)"""
+torchrun's restart and the resume after a crash, 04's pooled start, fail-fast on one rank's error,
+two nodes sharing one output folder. (05's launch: test_boneage.py.)"""
 from __future__ import annotations
 
 import json
@@ -38,29 +38,35 @@ def _assert_partitioned(audit: dict, world_size: int, shares: list[int]) -> None
     assert not set(by_rank[0]) & set(by_rank[1])
 
 
-def test_04_two_ranks_uneven_batch_crash_restart_and_resume(split_out, tmp_path):
-    """ONE torchrun launch, 2 gloo ranks, the demo architecture: an odd global batch (15 = 8 + 7)
-    stays exact, rank 0 crashes after epoch 1, torchrun restarts both workers and they resume
-    from last.pt; checked from what rank 0 wrote."""
+def test_04_two_ranks_pooled_start_uneven_batch_crash_restart_and_resume(split_out, tmp_path):
+    """ONE torchrun launch, 2 gloo ranks, the demo architecture and its pooled start: an odd global
+    batch (15 = 8 + 7) stays exact, rank 0 crashes after the pooled model's epoch 1, torchrun
+    restarts both workers, they resume it from last.pt, and group 2 is then fine-tuned from the
+    pooled best.pt on both ranks; checked from what rank 0 wrote."""
     out, flags = split_out
     run_out = _copy_splits(out, tmp_path / "ddp04")
     launch = _torchrun("04_train_fracture_ddp.py", [
         *flags[:4], "--preset", "demo", "--out", str(run_out), "--image-size", "48", "--device", "cpu",
         "--batch-size", "15", "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10",
-        "--sampler", "none", "--min-epoch-samples", "0", "--bootstrap", "50",
-        "--init", "scratch"],  # one crash hook per model: the pooled start on 2 ranks has its own test
-        env_extra={"PIPELINE_CRASH_AFTER_EPOCH": "1", "PIPELINE_CRASH_RANK": "0"})
+        "--sampler", "none", "--min-epoch-samples", "0", "--bootstrap", "50"],
+        env_extra={"PIPELINE_CRASH_AFTER_EPOCH": "1", "PIPELINE_CRASH_RANK": "0", "PIPELINE_CRASH_RUN": "Lat/pooled"})
     logs = launch.stdout + launch.stderr
     assert launch.returncode == 0, logs[-4000:]
-    assert "exits on purpose" in logs and "resuming" in logs and "after epoch 1" in logs
-    folder = run_out / "fracture" / "Lat" / "group2"
-    history = pd.read_csv(folder / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3]
-    n_train = len(common.read_split(run_out, "wrist", "train").query("projection_name == 'Lat' and age_group == 2"))
-    assert history["samples_seen"].tolist() == [(n_train // 15) * 15 * k for k in (1, 2, 3)]
-    _assert_partitioned(json.loads((folder / "sample_audit.json").read_text()), 2, [8, 7])
+    pooled_dir, folder = run_out / "fracture" / "Lat" / "pooled", run_out / "fracture" / "Lat" / "group2"
+    assert logs.count("exits on purpose") == 1, logs[-4000:]  # the pooled model only
+    assert f"resuming {pooled_dir} from last.pt after epoch 1" in logs
+    train = common.read_split(run_out, "wrist", "train").query("projection_name == 'Lat'")
+    for run_dir, n_train in ((pooled_dir, len(train)), (folder, int((train["age_group"] == 2).sum()))):
+        history = pd.read_csv(run_dir / "history.csv")
+        assert history["epoch"].tolist() == [1, 2, 3], run_dir
+        assert history["samples_seen"].tolist() == [(n_train // 15) * 15 * k for k in (1, 2, 3)], run_dir
+        _assert_partitioned(json.loads((run_dir / "sample_audit.json").read_text()), 2, [8, 7])
+    pooled = torch.load(pooled_dir / "best.pt", weights_only=True)
+    group = torch.load(folder / "last.pt", weights_only=True)
+    assert group["meta"]["init"] == f"pooled:{common.weights_fingerprint(pooled['state_dict'])}"
     assert torch.load(folder / "best.pt", weights_only=True)["threshold"] is not None
     assert (run_out / "fracture" / "summary.csv").is_file()  # rank 0 finished after the restart
+    assert set(pd.read_csv(run_out / "fracture" / "ablation.csv")["arm"]) == {"pooled", "from_pooled"}
 
 
 def test_03_two_ranks_swin_crash_restart_and_resume(split_out, tmp_path):

@@ -44,7 +44,7 @@ def test_dry_run_gives_every_figure_without_pydicom_or_grad_cam(tmp_path):
         assert values[f"{stage} test_resnet @32 px: exit status"] == 0
         assert values[f"{stage} test_resnet @32 px: train img/s, last epoch"] > 0
         command = figures[f"{stage} test_resnet @32 px: exit status"]["command"]
-        assert f"torch.distributed.run --standalone --nproc-per-node 1 {script} " in command
+        assert command.startswith(f"python {script} ")  # one process: no torchrun, as run_all.py does
     bench = {name.split(" (")[0]: value for name, value in values.items()
              if "(test_resnet @32 px, batch 8)" in name}
     assert min(bench.values()) > 0 and len(bench) == 5
@@ -84,3 +84,16 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, not yet reaped
     except FileNotFoundError:
         return False
+
+
+def test_stages_run_as_run_all_launches_them(tmp_path):
+    """One process: plain `python STAGE.py`; --nproc-per-node 2: torchrun (and so NCCL on the GPU)."""
+    for nproc, start in ((1, ["python", "05_train_boneage.py"]),
+                         (2, ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "05_train_boneage.py"])):
+        args = gpu_acceptance.parse_args(["--dry-run", "--nproc-per-node", str(nproc)])
+        report = {"environment": {"gpu": "none", "torch": "x"}, "steps": [], "figures": []}
+        commands = []
+        data = {"flags": ["--out", str(tmp_path)], "out": tmp_path}
+        gpu_acceptance._train_stage("05", args, data, report, lambda name, command: commands.append(command))
+        assert gpu_acceptance._display(commands[0]).split()[:len(start)] == start

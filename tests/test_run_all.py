@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,9 +41,33 @@ def test_every_stage_output_and_the_report(trained_run):
                     "## Bone age (05)", "## Grad-CAM++ (06)", "## Reproduce"):
         assert heading in report
     assert "leak check: PASS" in report
-    assert "torch.distributed.run" in report  # the exact commands are recorded
+    # the exact commands are recorded; one CPU process needs no torchrun launcher
+    assert "python 04_train_fracture_ddp.py --out" in report and "torch.distributed.run" not in report
     # every stage's command line is printed so it can be copied and rerun
     assert stdout.count("$ ") >= 6
+
+
+def test_torchrun_launches_a_stage_only_where_it_adds_something(tmp_path):
+    """Plain `python STAGE.py` for one process on one node; torchrun for ranks, nodes or restarts."""
+    import run_all as runner
+
+    def command(*flags):
+        args = runner.parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
+        return {stage.name: runner._command(stage, args) for stage in runner.STAGES}
+
+    one = command()
+    assert all(c[1] == stage.script for stage, c in zip(runner.STAGES, one.values())), one
+    for flags, launcher in ((["--nproc-per-node", "2"], ["--nproc-per-node", "2", "--max-restarts", "0"]),
+                            (["--max-restarts", "1"], ["--nproc-per-node", "1", "--max-restarts", "1"]),
+                            (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--nnodes", "2"])):
+        launched = command(*flags)
+        for stage in runner.STAGES:
+            if stage.distributed:
+                line = " ".join(launched[stage.name])
+                assert line.startswith(f"{sys.executable} -m torch.distributed.run ") and \
+                    " ".join(launcher) in line and line.endswith(" ".join(one[stage.name][2:])), line
+            else:
+                assert launched[stage.name] == one[stage.name]
 
 
 def test_second_run_trains_nothing_even_in_a_moved_folder(trained_run, small_demo, tmp_path):
