@@ -45,6 +45,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.import_torch()
     out_dir = common.ensure_writable_dir(args.out / "age")
     edges = common.read_age_edges(args.out)
     names = common.age_group_names(edges)

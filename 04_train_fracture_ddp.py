@@ -119,6 +119,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.import_torch()
     out_dir = common.ensure_writable_dir(args.out / "fracture")
     edges = common.read_age_edges(args.out)
     frames = _read_routed_splits(args)

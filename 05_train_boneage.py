@@ -72,6 +72,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.import_torch()
     out_dir = common.ensure_writable_dir(args.out / "boneage")
     # Every input is checked before the process group starts, so a bad file stops every rank the
     # same way instead of leaving the others waiting in a collective.

@@ -52,6 +52,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.import_torch()
     predictions = _read_test_predictions(args.out)
     model_paths = list(common.fracture_models(args.out / "fracture").values())
     if not model_paths:

@@ -110,6 +110,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.import_torch()
     fracture_models = common.fracture_models(args.models / "fracture")
     boneage_path = args.models / "boneage" / "best.pt"
     if not fracture_models and not (args.boneage and boneage_path.is_file()):

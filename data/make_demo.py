@@ -415,13 +415,19 @@ def boneage_tasks(table, root, seed):
 
 
 def draw_all(tasks, workers):
-    """Draw every image in forked processes (nothing is pickled, so this also works when the file
-    is loaded by path, as the tests do). Without fork (Windows), draw in this process."""
-    if "fork" not in multiprocessing.get_all_start_methods():
+    """Draw every image in `workers` processes (in this one for 1).
+
+    Not forked from this process: a process that has drawn with OpenCV (or runs torch) holds
+    threads, and a fork can copy a lock one of them holds; a drawing child then hung in
+    cv2.setNumThreads (seen in the test suite). A fork server starts them clean, and finds
+    draw_share by this module's name (a script's __main__, or `make_demo` on sys.path).
+    """
+    if workers <= 1:
         draw_share(tasks)
         return
-    context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=draw_share, args=(tasks[i::workers], True)) for i in range(max(workers, 1))]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    processes = [context.Process(target=draw_share, args=(tasks[i::workers], True)) for i in range(workers)]
     for process in processes:
         process.start()
     for process in processes:

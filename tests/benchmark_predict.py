@@ -44,8 +44,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    import torch
     args = parse_args(argv)
+    common.import_torch()
+    import torch
     predict_stage = importlib.import_module("07_predict")
     device = common.resolve_device(args.device)
     squares, decode_img_s = _preprocessed_batch(args)

@@ -51,8 +51,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    import torch
     args = parse_args(argv)
+    common.import_torch()
+    import torch
     info = common.setup_distributed(args.device)
     result = {"device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
               "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,

@@ -9,7 +9,6 @@ that changes a run works on its own copy.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,25 +21,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT / "data", ROOT):  # the stages and common; make_demo and subtle_vs_obvious
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per xdist worker, for torch here and for the stages tests start: torch's default
     # (every core) in each of several workers oversubscribes the cores and slows all of them.
     os.environ["OMP_NUM_THREADS"] = "1"
+    import common  # noqa: E402
+    common.import_torch()  # as a stage does: ~3 s less start-up per worker
     import torch
     torch.set_num_threads(1)
 
 
 # Order of the files for pytest-xdist (whole files per worker, handed out in this order): one
-# reader of the shared trained run first, so one worker builds it while the others take the
-# longest files (measured with --durations); then the rest alphabetically, and the other readers
-# last, when the run is there. Nobody waits for the build and no worker is left alone with a long
-# file at the end. Without -n the order changes nothing.
+# reader of the shared trained run first, so one worker builds it while another takes the longest
+# files; then the longest files (measured with --durations), readers of the run among them once
+# the build is surely done (it takes less time than the two files before test_run_all); then the
+# rest, other readers last. So no worker waits for the build or is left alone with a long file at
+# the end. Without -n the order changes nothing.
 FIRST_READER = "test_evaluation_stages.py"
-LONGEST_FIRST = ["test_gpu_acceptance.py", "test_distributed.py", "test_subtle_training.py",
-                 "test_boneage.py", "test_tracks.py", "test_splits.py", "test_gradcam.py"]
+LONGEST_FIRST = ["test_gpu_acceptance.py", "test_distributed.py", "test_run_all.py", "test_boneage.py",
+                 "test_subtle_training.py", "test_tracks.py", "test_splits.py", "test_gradcam.py",
+                 "test_hospital.py", "test_common.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,9 +54,9 @@ def pytest_collection_modifyitems(config, items):
         name = item.path.name
         if name == FIRST_READER:
             return (0, "")
-        if name in readers:
-            return (3, name)
-        return (1, f"{LONGEST_FIRST.index(name):03d}") if name in LONGEST_FIRST else (2, name)
+        if name in LONGEST_FIRST:
+            return (1, f"{LONGEST_FIRST.index(name):03d}")
+        return (3 if name in readers else 2, name)
 
     items.sort(key=rank)  # stable: a file's tests keep their order
 
@@ -63,11 +67,9 @@ def load_stage(name: str):
 
 
 def load_make_demo():
-    spec = importlib.util.spec_from_file_location("make_demo", ROOT / "data" / "make_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_demo"] = module  # its worker pool pickles functions by module name
-    spec.loader.exec_module(module)
-    return module
+    """data/make_demo.py as the module `make_demo`: its drawing processes, started by a fork
+    server, import it by that name (data/ is on sys.path for them)."""
+    return importlib.import_module("make_demo")
 
 
 @pytest.fixture(scope="session")

@@ -374,3 +374,16 @@ def test_unwritable_output_folder_is_one_line(tmp_path):
     blocker.write_text("")
     with pytest.raises(common.InputError, match="cannot write there"):
         common.ensure_writable_dir(blocker / "sub")
+
+
+def test_import_torch_leaves_the_collector_on_and_the_libraries_frozen():
+    """A fresh process, as a stage starts: the libraries' objects are out of the collector's
+    reach, and the collector runs again for everything made afterwards."""
+    import subprocess
+    import sys
+    code = ("import gc, sys, common; common.import_torch(); "
+            "print(gc.isenabled(), gc.get_freeze_count(), 'torchvision' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True, timeout=120)
+    enabled, frozen, torchvision = run.stdout.split()
+    assert enabled == "True" and torchvision == "True", run.stdout + run.stderr[-2000:]
+    assert int(frozen) > 100_000  # timm, torch and torchvision hold millions of objects
