@@ -104,7 +104,7 @@ def test_failed_stage_leaves_earlier_outputs_intact(trained_run, small_demo, tmp
 
 def test_missing_data_folder(tmp_path):
     result = run_all("--data", str(tmp_path / "nowhere"), "--boneage-data", str(tmp_path / "nowhere2"),
-                     "--out", str(tmp_path / "out"), "--preset", "demo")
+                     "--out", str(tmp_path / "out"), "--preset", "demo", "--device", "cpu")
     assert_one_line_error(result, "not found")
 
 
@@ -114,7 +114,7 @@ def test_dataset_csv_without_a_required_column(small_demo, tmp_path):
     frame = pd.read_csv(data / "dataset.csv", encoding="utf-8-sig", dtype=str)
     frame.drop(columns=["fracture_visible"]).to_csv(data / "dataset.csv", index=False)
     result = run_all("--data", str(data), "--boneage-data", str(small_demo / "rsna_boneage"),
-                     "--out", str(tmp_path / "out"), "--preset", "demo", "--only", "01")
+                     "--out", str(tmp_path / "out"), "--preset", "demo", "--device", "cpu", "--only", "01")
     assert_one_line_error(result, "fracture_visible", "dataset.csv")
 
 
@@ -123,7 +123,7 @@ def test_every_image_missing(small_demo, tmp_path):
     data.mkdir()
     shutil.copy(small_demo / "grazpedwri" / "dataset.csv", data / "dataset.csv")
     result = run_all("--data", str(data), "--boneage-data", str(small_demo / "rsna_boneage"),
-                     "--out", str(tmp_path / "out"), "--preset", "demo", "--only", "01")
+                     "--out", str(tmp_path / "out"), "--preset", "demo", "--device", "cpu", "--only", "01")
     assert_one_line_error(result, "no images")
 
 
@@ -155,5 +155,5 @@ def test_cuda_without_a_gpu(small_demo, tmp_path):
 def test_unwritable_output_folder(small_demo, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run_all(*data_flags(small_demo), "--out", str(blocker / "out"), "--preset", "demo")
+    result = run_all(*data_flags(small_demo), "--out", str(blocker / "out"), "--preset", "demo", "--device", "cpu")
     assert_one_line_error(result, "cannot write there")
