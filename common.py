@@ -1747,7 +1747,7 @@ def build_boneage_model(arch: str, pretrained: str | None = None, max_months: fl
 
 def import_torch() -> None:
     """Import torch, torchvision and timm for this process with the cyclic garbage collector
-    paused, then freeze what they built out of its reach. A stage's main() calls it first.
+    paused, then freeze what they built out of its reach. A stage calls it before it first uses torch.
 
     The three create millions of long-lived objects, which CPython's collector would traverse
     again and again while they load and once more at exit. Measured on 2 cores: `import timm` plus
