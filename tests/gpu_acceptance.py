@@ -167,7 +167,8 @@ def _benchmark_training(args, work: Path, report: dict, step) -> None:
 
 
 def _train_stage(stage: str, args, data: dict, report: dict, step) -> None:
-    """One training stage (under torchrun for 2+ processes): exit status, img/s and peak GPU memory from history.csv."""
+    """One training stage (under torchrun for 2+ processes): exit status, img/s and peak GPU memory
+    from history.csv."""
     script = {"03": "03_train_age.py", "04": "04_train_fracture_ddp.py", "05": "05_train_boneage.py"}[stage]
     preset = importlib.import_module(Path(script).stem).PRESETS["full"]
     flags = [*data["flags"], "--preset", "full", "--epochs", "2"]
