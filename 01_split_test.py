@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,7 +78,7 @@ def parse_args(argv=None):
                         help="use this labelled RSNA-style CSV as the bone-age test set instead of "
                              "drawing one; its images must lie under its folder (default: draw)")
     args = common.resolve_common_args(parser.parse_args(argv))
-    args.age_edges = list(common.parse_age_edges(args.age_edges))
+    args.age_edges = list(parse_age_edges(args.age_edges))
     if args.per_cell is None:
         args.per_cell = PER_CELL[args.preset]
     if args.per_cell < 1:
@@ -271,6 +272,18 @@ def draw_boneage_test(boneage: pd.DataFrame, fraction: float, seed: int) -> np.n
             n_test = max(1, round(fraction * len(stratum)))
             test_rows.extend(rng.choice(stratum.index.to_numpy(), n_test, replace=False))
     return boneage.index.isin(test_rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+def parse_age_edges(text: str | Sequence[float]) -> tuple[float, ...]:
+    """'5,10,15' -> (5.0, 10.0, 15.0); strictly increasing and positive."""
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
+        raise common.InputError(f"--age-edges {text!r}: give strictly increasing positive years, e.g. 5,10,15")
+    return tuple(values)
 
 
 if __name__ == "__main__":

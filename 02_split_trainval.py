@@ -129,7 +129,7 @@ def split_boneage(args) -> dict[str, pd.DataFrame]:
     boneage_test = common.read_split(args.out, "boneage", "test")
     boneage, _ = common.read_boneage_metadata(args.boneage_data)
     boneage = common.add_boneage_bin(boneage)
-    pool = common.sort_boneage(boneage[~boneage["id"].isin(boneage_test["id"])])
+    pool = sort_boneage(boneage[~boneage["id"].isin(boneage_test["id"])])
     boneage_strata = pool["age_bin"].astype(str) + "/" + pool["sex"]
     is_val = split_off_val(boneage_strata, None, args.val_fraction, args.seed, "bone-age")
     return {"train": pool[~is_val], "val": pool[is_val], "test": boneage_test}
@@ -285,6 +285,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["age_bin", "sex", "id"])
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and cali
         OUT/fracture/ablation_predictions.csv  each arm's probability for every test image
         OUT/fracture/test_predictions.csv every test image's raw and calibrated probability
         OUT/fracture/config.json
-The test evaluation (summary, operating points, studies, calibration, subgroups, ablation) is
-common.py's section 11, so this file reads as the training story.
+main() tells the training story; the choices made on validation (thresholds, calibration) and the
+test evaluation (summary, operating points, studies, calibration, subgroups, ablation) follow it,
+each under its own heading.
 
 Imbalance is corrected once, never twice: by default the sampler draws balanced batches and the
 focal loss uses alpha = 0.5 (focusing only). With --sampler none, focal alpha is the negative-class
@@ -34,7 +35,7 @@ some models collapsed to all-negative.)
 
 Decision threshold: Youden's J (sensitivity + specificity - 1) maximised on validation, stored in
 best.pt and applied unchanged to test; so are the sens90/sens95 thresholds and a Platt calibration
-map (common.fit_calibration) that changes the reported probability, never the decision. A group
+map (fit_calibration) that changes the reported probability, never the decision. A group
 with < 5 validation fractures or normals takes the pooled model's threshold (summary.csv:
 threshold_source). A model calling every validation image one class, or with test
 sensitivity/specificity at 1/0, is flagged (summary.csv: warning).
@@ -50,6 +51,7 @@ Run:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -155,12 +157,12 @@ def main(argv=None):
                     if mlflow and info.is_main:
                         _log_mlflow(mlflow, result["row"], out_dir / projection / f"group{group}")
         if info.is_main:
-            common.write_fracture_summary(out_dir, frames, test_probs, rows, args)
+            write_fracture_summary(out_dir, frames, test_probs, rows, args)
             if len(arm_probs) > 1:
-                common.write_ablation(out_dir, frames["test"], arm_probs, args)
+                write_ablation(out_dir, frames["test"], arm_probs, args)
             common.write_run_config(out_dir, args)
             if mlflow:
-                common.log_mlflow_run(mlflow, files=[out_dir / name for name in common.FRACTURE_EVALUATION_FILES])
+                common.log_mlflow_run(mlflow, files=[out_dir / name for name in FRACTURE_EVALUATION_FILES])
     finally:
         if mlflow and info.is_main:
             mlflow.end_run()
@@ -252,7 +254,7 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
     if init is not None:
         common.load_init_weights(model, init[0])
         # The starting weights' hash, not the path: a retrained pooled model must not resume here.
-        start = f"{init[1]}:{common.weights_fingerprint(model.state_dict())}"
+        start = f"{init[1]}:{weights_fingerprint(model.state_dict())}"
     prevalence = float(parts["train"]["label"].mean())
     alpha = 0.5 if args.sampler == "balanced" else 1.0 - prevalence
     settings = common.TrainSettings(epochs=args.epochs if init is None else args.finetune_epochs,
@@ -275,7 +277,7 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
 
     def evaluate(trained):
         probs = _predict_probs(trained, datasets["val"], args, info)
-        return {"auc": common.binary_metrics(parts["val"]["label"], probs, 0.5)["auc"]}
+        return {"auc": binary_metrics(parts["val"]["label"], probs, 0.5)["auc"]}
 
     common.log(f"--- {name}: {row['n_train']} train ({prevalence:.0%} fracture), {row['n_val']} val, "
                f"{row['n_test']} test; loss {args.loss} alpha {alpha:.2f}, sampler {args.sampler}, "
@@ -290,13 +292,13 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
                                          target=projection_test["label"].to_numpy(np.float32))
     all_test_probs = _predict_probs(model, test_set, args, info)
     own = (is_pooled | (projection_test["route_group"] == group)).to_numpy()
-    threshold, threshold_source = common.small_group_threshold(
+    threshold, threshold_source = small_group_threshold(
         parts["val"]["label"], (pooled or {}).get("row", {}).get("test_threshold"), "pooled model's")
     metrics, warning = {}, ""
     if info.is_main:
         metrics = _evaluate_and_save(run_dir, name, parts, val_probs, all_test_probs[own], args,
                                      threshold=threshold)
-        warning = common.degenerate_warning(val_probs, metrics)
+        warning = degenerate_warning(val_probs, metrics)
         if warning:
             common.log(f"WARNING {name}: {warning}")
         if threshold_source != "val Youden":
@@ -335,13 +337,13 @@ def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args, thresh
     probability 07 reports, never the decision: thresholds stay on the raw scale. A given
     `threshold` (a small group borrowing the pooled model's) replaces the youden one.
     """
-    thresholds = common.operating_thresholds(parts["val"]["label"], val_probs)
+    thresholds = operating_thresholds(parts["val"]["label"], val_probs)
     if threshold is not None:
         thresholds["youden"] = threshold
     threshold = thresholds["youden"]
-    calibration = common.fit_calibration(parts["val"]["label"], val_probs)
-    val = common.binary_metrics(parts["val"]["label"], val_probs, threshold)
-    test = common.binary_metrics(parts["test"]["label"], test_probs, threshold)
+    calibration = fit_calibration(parts["val"]["label"], val_probs)
+    val = binary_metrics(parts["val"]["label"], val_probs, threshold)
+    test = binary_metrics(parts["test"]["label"], test_probs, threshold)
     test_ci = common.binary_metrics_with_ci(parts["test"]["label"], test_probs, parts["test"]["patient_id"],
                                             threshold, args.bootstrap, args.seed)
     test["auc_ci"] = [test_ci["auc_lo"], test_ci["auc_hi"]]
@@ -376,6 +378,325 @@ def _log_mlflow(mlflow, row, run_dir) -> None:
                           metrics={k: v for k, v in row.items() if k.startswith("test_")},
                           files=[run_dir / n for n in ("metrics.json", "history.csv", "roc.png", "pr.png",
                                                        "confusion.png", "curves.png", "best.pt")])
+
+
+# ------------------------------------------------------------------------------------------------
+# Choices made on validation: thresholds, calibration, starting weights
+# ------------------------------------------------------------------------------------------------
+
+def weights_fingerprint(state_dict: dict) -> str:
+    """A short hash of a state_dict's tensors (names, shapes, values): recorded in a fine-tuned
+    model's checkpoint so that it resumes only from the same starting weights."""
+    import hashlib
+
+    import torch
+    digest = hashlib.sha1()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# Fewer validation positives (or negatives) than this and a model's own threshold is noise: the
+# Youden optimum on 3 fractures jumps with every image.
+MIN_THRESHOLD_CLASS = 5
+
+
+def small_group_threshold(val_labels, fallback: float | None, fallback_name: str) -> tuple[float | None, str]:
+    """(threshold, where it comes from): None = choose on this model's own validation set; a
+    validation set with < MIN_THRESHOLD_CLASS of a class borrows `fallback` (e.g. the pooled
+    model's threshold) and says so; without a fallback its own threshold is marked UNRELIABLE."""
+    positives = int(np.sum(val_labels))
+    negatives = len(val_labels) - positives
+    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
+        return None, "val Youden"
+    counts = f"val has {positives} positive / {negatives} negative images, < {MIN_THRESHOLD_CLASS} of one class"
+    if fallback is None or not np.isfinite(fallback):
+        return None, f"val Youden, UNRELIABLE: {counts} and no model to borrow a threshold from"
+    return float(fallback), f"{fallback_name} ({counts})"
+
+
+def degenerate_warning(val_probs, metrics: dict) -> str:
+    """Say out loud when a binary model answers one class for everything (every validation image
+    on one side of its threshold, or test sensitivity and specificity at opposite extremes)."""
+    problems = []
+    called = np.asarray(val_probs) >= metrics["threshold"]
+    if called.all() or not called.any():
+        problems.append(f"calls every validation image {'positive' if called.all() else 'negative'}")
+    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
+    if {sensitivity, specificity} == {0.0, 1.0}:
+        problems.append(f"test sensitivity {sensitivity:.2f} with specificity {specificity:.2f}")
+    return "degenerate model: " + "; ".join(problems) if problems else ""
+
+
+def youden_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
+    """The threshold maximising sensitivity + specificity - 1 on the given (validation) set.
+
+    Chosen on validation and applied unchanged to test, so the test figures stay honest.
+    """
+    from sklearn.metrics import roc_curve
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(max(thresholds[best], 0.0), 1.0))
+
+
+def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float) -> dict:
+    """ROC AUC, PR AUC, accuracy, F1, sensitivity, specificity and the confusion matrix at a threshold."""
+    from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix,
+                                 f1_score, roc_auc_score)
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    predicted = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both = len(np.unique(labels)) == 2
+    return {
+        "auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(labels, probs)) if both else float("nan"),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "f1": float(f1_score(labels, predicted, zero_division=0)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "threshold": float(threshold),
+        "n": int(len(labels)), "n_positive": int(labels.sum()),
+        "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+def sensitivity_threshold(labels, probs, target: float) -> float:
+    """The HIGHEST threshold whose sensitivity on these (validation) labels reaches `target`:
+    the most specific operating point that still misses at most 1 - target of the fractures."""
+    from sklearn.metrics import roc_curve
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    _, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    reached = int(np.flatnonzero(tpr >= target - 1e-12)[0])
+    return float(min(thresholds[reached], 1.0))
+
+
+def operating_thresholds(labels, probs) -> dict[str, float]:
+    """The three rules 04 stores and evaluates, all chosen on validation."""
+    return {"youden": youden_threshold(labels, probs),
+            "sens90": sensitivity_threshold(labels, probs, 0.90),
+            "sens95": sensitivity_threshold(labels, probs, 0.95)}
+
+
+def fit_calibration(labels, probs) -> dict:
+    """Platt scaling (logistic regression on the logit) fitted on VALIDATION predictions.
+
+    Why Platt and not temperature: the balanced sampler shifts the model's prior to 50%, an
+    intercept that a temperature (one slope) cannot remove. The map is increasing, so it keeps the
+    ranking (AUC) and, with the threshold kept on the raw scale, every decision. A model that ranks
+    validation backwards (slope <= 0) gets the identity map, said in `method`, instead of a map
+    that would reverse its probabilities.
+    """
+    from sklearn.linear_model import LogisticRegression
+    labels = np.asarray(labels).astype(int)
+    logits = common._logit(probs).reshape(-1, 1)
+    if len(np.unique(labels)) < 2:
+        return {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": int(len(labels)),
+                "reason": "validation has one class"}
+    fitted = LogisticRegression(penalty=None, solver="lbfgs", max_iter=1000).fit(logits, labels)
+    slope, intercept = float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
+    if not slope > 0:
+        return {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": int(len(labels)),
+                "reason": f"Platt slope {slope:.3g} <= 0 on validation"}
+    return {"method": "platt", "slope": slope, "intercept": intercept, "n": int(len(labels)), "reason": ""}
+
+
+# ------------------------------------------------------------------------------------------------
+# Test evaluation: the decision 07 deploys (stored thresholds, study rule), calibration, subgroups, ablation
+# ------------------------------------------------------------------------------------------------
+
+FRACTURE_EVALUATION_FILES = ("summary.csv", "operating_points.csv", "calibration.json", "subgroups.csv",
+                    "reliability.png", "test_predictions.csv", "test_studies.csv")
+
+
+OPERATING_RULES = ("youden", "sens90", "sens95")
+
+
+FRACTURE_SUBGROUPS = {"projection": "projection_name", "age_group": "age_group", "sex": "gender", "cast": "cast",
+             "initial_exam": "initial_exam", "laterality": "laterality"}
+
+
+def write_fracture_summary(out_dir, frames, test_probs, rows, args) -> None:
+    """Per-model rows, the true- and predicted-group cascades and the study row (summary.csv);
+    operating points, calibration and subgroups of the decision 07 deploys."""
+    test = frames["test"].assign(study_id=frames["test"].get("study_id", frames["test"]["study_number"]))
+    table = test[["filestem", "patient_id", "study_id", "laterality", "projection_name", "age",
+                  "age_group", "age_group_pred", "label", *FRACTURE_SUBGROUPS.values()]].copy()
+    table = table.loc[:, ~table.columns.duplicated()]
+    models = {key: common.load_checkpoint(out_dir / key[0] / f"group{key[1]}" / "best.pt") for key in test_probs}
+    for route, column in (("true", "age_group"), ("pred", "age_group_pred")):
+        keys = list(zip(table["projection_name"], table[column].fillna(-1).astype(int)))
+        raw = np.array([test_probs[k].get(f, np.nan) if k in test_probs else np.nan
+                        for f, k in zip(table["filestem"], keys)], dtype=float)
+        table[f"prob_route_{route}"] = raw
+        table[f"calibrated_prob_route_{route}"] = [
+            common.apply_calibration([p], models[k].get("calibration"))[0] if k in models else np.nan
+            for p, k in zip(raw, keys)]
+        for rule in OPERATING_RULES:  # each image is decided at its own model's threshold, as 07 does
+            table[f"threshold_{rule}_route_{route}"] = [
+                models[k].get("thresholds", {}).get(rule, np.nan) if k in models else np.nan for k in keys]
+    common.write_csv(table, out_dir / "test_predictions.csv")
+    prevalence = float(pd.concat([frames["train"]["label"], frames["val"]["label"]]).mean())
+    points = []
+    for row in rows:
+        if row.get("kind") == "model" and row.get("status") == "trained":  # not the pooled model
+            key = (row["projection"], int(row["age_group"]))
+            own = table[(table["projection_name"] == key[0])
+                        & (table["age_group" if args.route == "true" else "age_group_pred"] == key[1])]
+            points += _operating_points(f"{key[0]}_group{key[1]}", own, args.route, f"prob_route_{args.route}",
+                                        prevalence, args)
+    for route in ("true", "pred"):
+        scored = table.dropna(subset=[f"prob_route_{route}"])
+        if scored.empty:
+            common.log(f"no cascade_{route}: no test image has a {route}-group model (03 not run?)")
+            continue
+        rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args,
+                                 f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""))
+        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}", prevalence, args)
+    studies, note = _complete_studies(table, args, args.route)
+    if not studies.empty:
+        rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
+    if "calibrated_prob_route_pred" in table and table["prob_route_pred"].notna().any():
+        points += _study_points(table, prevalence, args)
+        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args)
+    summary = pd.DataFrame(rows)
+    integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
+    summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
+    common.write_csv(summary, out_dir / "summary.csv")
+    common.write_csv(pd.DataFrame(points), out_dir / "operating_points.csv")
+    shown = summary[[c for c in ("kind", "projection", "age_group", "status", "n_test", "test_auc",
+                                 "test_auc_ci_low", "test_auc_ci_high", "reason") if c in summary]]
+    common.log("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _summary_row(kind, scored, prob_column, args, reason="") -> dict:
+    auc, ci = common.auc_with_ci(scored["label"], scored[prob_column], scored["patient_id"], args.bootstrap, args.seed)
+    return {"kind": kind, "status": "evaluated", "n_test": len(scored), "pos_test": int(scored["label"].sum()),
+            "test_auc": auc, "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": reason}
+
+
+def _operating_points(scope, scored, route, prob_column, prevalence, args) -> list[dict]:
+    """One row per rule; each image is decided at its own model's raw threshold, as 07 does."""
+    points = []
+    for rule in OPERATING_RULES:
+        thresholds = scored[f"threshold_{rule}_route_{route}"].to_numpy(float)
+        single = thresholds[0] if len(set(thresholds)) == 1 else float("nan")  # a cascade has several
+        points.append({"scope": scope, "rule": rule, **common.binary_metrics_with_ci(
+            scored["label"], scored[prob_column], scored["patient_id"], single, args.bootstrap, args.seed,
+            prevalence, decisions=scored[f"prob_route_{route}"].to_numpy() >= thresholds)})
+    return points
+
+
+def _complete_studies(table, args, route, rule="youden") -> tuple[pd.DataFrame, str]:
+    """Studies (07's rule) whose images are all in the test set and all scored; the note counts the rest."""
+    raw = table[f"prob_route_{route}"]
+    images = table.assign(decision=(raw >= table[f"threshold_{rule}_route_{route}"]).astype(int),
+                          scored=raw.notna().astype(int), prob=table[f"calibrated_prob_route_{route}"].fillna(-1.0))
+    studies = common.study_table(images, "prob", "decision", all_scored=("scored", "min"))
+    path = common.split_path(args.out, "wrist", "quarantine")  # the test patients' other images
+    quarantine = common.read_split(args.out, "wrist", "quarantine") if path.is_file() else table.iloc[:0]
+    quarantine = quarantine.assign(study_id=quarantine.get("study_id", quarantine.get("study_number")), p=0)
+    keys = ["patient_id", "study_id", "laterality"]
+    outside = studies[keys].merge(common.study_table(quarantine, "p", "p")[keys], how="left",
+                                  indicator=True)["_merge"].eq("both").to_numpy()
+    unscored = studies["all_scored"].eq(0).to_numpy()
+    note = (f"{outside.sum()} partial studies (images outside the test set) and "
+            f"{(unscored & ~outside).sum()} with unscored images left out")
+    return studies[~outside & ~unscored].drop(columns="all_scored").reset_index(drop=True), note
+
+
+def _study_points(table, prevalence, args) -> list[dict]:
+    """study_pred: 07's decision (any image positive at its model's threshold, routed by 03)."""
+    points = []
+    for rule in OPERATING_RULES:
+        studies, note = _complete_studies(table, args, "pred", rule)
+        if rule == "youden":
+            common.write_csv(studies, args.out / "fracture" / "test_studies.csv")
+            common.log(f"study_pred: {len(studies)} complete studies; {note}")
+        points.append({"scope": "study_pred", "rule": rule, **common.binary_metrics_with_ci(
+            studies["label"], studies["prob"], studies["patient_id"], float("nan"), args.bootstrap,
+            args.seed, prevalence, decisions=studies["decision"]), "note": note})
+    return points
+
+
+def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -> None:
+    """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred.
+
+    Brier/ECE are given on the test set as it is (balanced by design) and reweighted to the
+    training + validation prevalence (`*_at_prevalence`), the population the map was fitted for.
+    """
+    scored, route = table.dropna(subset=["prob_route_pred"]), args.route
+
+    def scores(frame, raw, calibrated, method):
+        return {"raw": common.calibration_metrics(frame["label"], frame[raw]),
+                "calibrated": common.calibration_metrics(frame["label"], frame[calibrated]),
+                "raw_at_prevalence": common.calibration_metrics(frame["label"], frame[raw], prevalence=prevalence),
+                "calibrated_at_prevalence": common.calibration_metrics(frame["label"], frame[calibrated],
+                                                                       prevalence=prevalence),
+                "method": method, "prevalence": prevalence}
+
+    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred", "platt per model")}
+    for row in rows:
+        if row.get("kind") == "model" and row.get("status") == "trained":
+            own = table[(table["projection_name"] == row["projection"])
+                        & (table["age_group" if route == "true" else "age_group_pred"] == row["age_group"])]
+            method = models[(row["projection"], int(row["age_group"]))]["calibration"]["method"]
+            report[f"{row['projection']}_group{int(row['age_group'])}"] = scores(
+                own, f"prob_route_{route}", f"calibrated_prob_route_{route}", method)
+    common.write_json(report, out_dir / "calibration.json")
+    common.plot_reliability({"raw": (scored["label"], scored["prob_route_pred"]),
+                             "calibrated": (scored["label"], scored["calibrated_prob_route_pred"])},
+                            out_dir / "reliability.png", "cascade_pred, test")
+    decisions = scored["prob_route_pred"] >= scored["threshold_youden_route_pred"]
+    subgroups = []
+    for name, column in FRACTURE_SUBGROUPS.items():
+        for value, members in scored.groupby(column):
+            metrics = common.binary_metrics_with_ci(
+                members["label"], members["calibrated_prob_route_pred"], members["patient_id"], float("nan"),
+                args.bootstrap, args.seed, decisions=decisions[members.index])
+            subgroups.append({"subgroup": name, "value": value, **{k: v for k, v in metrics.items() if k != "threshold"}})
+    common.write_csv(pd.DataFrame(subgroups), out_dir / "subgroups.csv")
+
+
+def write_ablation(out_dir, test, arm_probs, args) -> None:
+    """Each arm's test AUC (patient-bootstrap 95% CI) on the same images: per group, then cascaded.
+
+    Group scope: the test images routed to that group. Cascade: every image goes to the model of
+    its predicted age group (03), or its --route group without 03; the pooled arm scores every
+    image with its projection's one model. Images some arm has no model for are left out of all.
+    """
+    routed = "age_group_pred" if test["age_group_pred"].notna().all() else "route_group"
+    cascade = "cascade_pred" if routed == "age_group_pred" else f"cascade_{args.route}"
+    table = test[["filestem", "patient_id", "projection_name", "route_group", routed, "label"]]
+    table = table.loc[:, ~table.columns.duplicated()].copy()
+    for arm, models in arm_probs.items():
+        for column, route in (("group", "route_group"), ("cascade", routed)):
+            table[f"{arm}_{column}"] = [
+                models[(p, int(g))].get(f, np.nan) if (p, g) in models else np.nan
+                for f, p, g in zip(table["filestem"], table["projection_name"], table[route].fillna(-1).astype(int))]
+    arms = [a for a in ("pooled", "scratch", "from_pooled", "from_file") if a in arm_probs]
+    scopes = [(f"{p}_group{g}", (table["projection_name"] == p) & (table["route_group"] == g), "group")
+              for p, g in sorted({key for models in arm_probs.values() for key in models})]
+    scopes.append((cascade, table["projection_name"].isin(args.projections), "cascade"))
+    rows = []
+    for scope, mask, column in scopes:
+        scored = table[mask].dropna(subset=[f"{arm}_{column}" for arm in arms])
+        for arm in arms:
+            auc, (low, high) = common.auc_with_ci(scored["label"], scored[f"{arm}_{column}"],
+                                                  scored["patient_id"], args.bootstrap, args.seed)
+            rows.append({"arm": arm, "scope": scope, "n": len(scored), "auc": auc, "auc_lo": low, "auc_hi": high})
+    ablation = pd.DataFrame(rows)
+    common.write_csv(ablation, out_dir / "ablation.csv")
+    common.write_csv(table, out_dir / "ablation_predictions.csv")  # each arm's probability per image
+    common.log("ablation, test AUC (95% CIs in ablation.csv):\n" + ablation.pivot(index="scope", columns="arm", values="auc")
+               .reindex(columns=arms).to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

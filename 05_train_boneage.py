@@ -63,7 +63,7 @@ def parse_args(argv=None):
     parser = common.add_training_args(common.make_parser(__doc__))
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default: 1000)")
     args = common.resolve_common_args(parser.parse_args(argv))
-    common.apply_training_preset(args, PRESETS, common.BONEAGE_IMAGE_SIZE[args.preset])
+    common.apply_training_preset(args, PRESETS, BONEAGE_IMAGE_SIZE[args.preset])
     for flag in ("epochs", "batch_size", "patience", "image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
@@ -116,8 +116,9 @@ def main(argv=None):
             return model(images, batch["male"].to(info.device))
 
         def evaluate(trained):
+            from sklearn.metrics import mean_absolute_error
             predicted = predict_months(trained, datasets["val"], forward, args, info)
-            return {"mae": common.mean_absolute_error(frames["val"]["boneage"], predicted)}
+            return {"mae": mean_absolute_error(frames["val"]["boneage"], predicted)}
 
         common.log(f"bone age {args.arch} at {args.image_size} px: {len(frames['train'])} train / "
                    f"{len(frames['val'])} val / {len(frames['test'])} test images, training mean "
@@ -184,6 +185,7 @@ def predict_months(model, dataset, forward, args, info) -> np.ndarray:
 def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: float, args,
                   result: dict) -> dict:
     """predictions.csv (no identifying data beyond the dataset id), metrics.json, the figures."""
+    from sklearn.metrics import mean_absolute_error
     test = frames["test"]
     true_months = test["boneage"].to_numpy(dtype=float)
     table = pd.DataFrame({"id": test["id"].astype(str), "sex": test["sex"],
@@ -192,15 +194,15 @@ def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: floa
     # RSNA has one image per child, so resampling images is resampling patients.
     scores = common.regression_metrics_with_ci(true_months, predicted["test"], test["id"].to_numpy(),
                                                args.bootstrap, args.seed)
-    bands = common.age_group_names(common.DEFAULT_AGE_EDGES)
-    band = common.age_group_of(true_months / 12.0, common.DEFAULT_AGE_EDGES)
+    bands = common.age_group_names(DEFAULT_AGE_EDGES)
+    band = common.age_group_of(true_months / 12.0, DEFAULT_AGE_EDGES)
     by = {"by_sex": {sex: test["sex"].to_numpy() == sex for sex in ("F", "M")},
           "by_age_band": {bands[g]: band == g for g in range(len(bands))}}
     metrics = {
-        "val": {"mae": common.mean_absolute_error(frames["val"]["boneage"], predicted["val"]),
+        "val": {"mae": mean_absolute_error(frames["val"]["boneage"], predicted["val"]),
                 "n": int(len(frames["val"]))},
         "test": {**scores, "mae_ci": [scores["mae_lo"], scores["mae_hi"]],
-                 "baseline_mae": common.mean_absolute_error(true_months, np.full(len(test), train_mean)),
+                 "baseline_mae": mean_absolute_error(true_months, np.full(len(test), train_mean)),
                  **{name: {value: common.regression_metrics_with_ci(
                      true_months[mask], predicted["test"][mask], test["id"].to_numpy()[mask],
                      args.bootstrap, args.seed) for value, mask in masks.items() if mask.any()}
@@ -209,10 +211,46 @@ def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: floa
     common.write_json(metrics, out_dir / "metrics.json")
     common.plot_training_curves(out_dir / "history.csv", out_dir / "curves.png", "bone age", "mae")
     title = f"bone age, test ({args.arch})"
-    common.plot_scatter(true_months, predicted["test"], out_dir / "scatter.png", title)
-    common.plot_bland_altman(true_months, predicted["test"], out_dir / "bland_altman.png", title)
+    plot_scatter(true_months, predicted["test"], out_dir / "scatter.png", title)
+    plot_bland_altman(true_months, predicted["test"], out_dir / "bland_altman.png", title)
     common.write_run_config(out_dir, args, init_months=train_mean, best=result["best"])
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_AGE_EDGES = (5.0, 10.0, 15.0)
+
+
+BONEAGE_IMAGE_SIZE = {"demo": 96, "full": 512}
+
+
+def plot_scatter(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
+    from sklearn.metrics import mean_absolute_error
+    plt = common._figure()
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    ax.scatter(true, predicted, s=8, alpha=0.6)
+    low, high = float(np.min(true)), float(np.max(true))
+    ax.plot([low, high], [low, high], "--", color="grey", lw=1)
+    ax.set(xlabel=f"true ({unit})", ylabel=f"predicted ({unit})",
+           title=f"{title}\nMAE {mean_absolute_error(true, predicted):.1f} {unit}")
+    return common.save_figure(fig, path)
+
+
+def plot_bland_altman(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
+    plt = common._figure()
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    mean, diff = (true + predicted) / 2, predicted - true
+    bias, spread = diff.mean(), 1.96 * diff.std(ddof=1) if len(diff) > 1 else 0.0
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    ax.scatter(mean, diff, s=8, alpha=0.6)
+    for value, style in ((bias, "-"), (bias + spread, "--"), (bias - spread, "--")):
+        ax.axhline(value, color="grey", ls=style, lw=1)
+    ax.set(xlabel=f"mean of true and predicted ({unit})", ylabel=f"predicted - true ({unit})",
+           title=f"{title}\nbias {bias:+.1f}, limits of agreement +-{spread:.1f} {unit}")
+    return common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ INPUT is any mix of
                 `fracture` (0/1) and `boneage` (months); relative paths are read from the CSV's folder
   image files   PNG/JPEG (8 or 16 bit) or DICOM, any transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE)
 
-Each image gets (common.resolve_prediction_metadata reads the CSV row and the DICOM header)
+Each image gets (resolve_prediction_metadata reads the CSV row and the DICOM header)
   its projection  from the CSV, else the DICOM's ViewPosition, else its ViewCodeSequence, else
                   --projection; with none it is a counted skip
   its age group   from its age (CSV, else the DICOM's PatientAge, else --age) with the age edges
@@ -29,17 +29,17 @@ one projection is a fracture of the study. patient_id is used for grouping only,
 never written.
 
 External validation: when the CSV has a `fracture` column (and patient_id, study_id), the
-predictions are also scored against it (common.evaluate_predictions, the metric code of 04's test
-evaluation): image- and study-level AUC, sensitivity, specificity, PPV, NPV with patient-bootstrap
+predictions are also scored against it (evaluate_predictions, with common's metric code, as 04's
+test evaluation): image- and study-level AUC, sensitivity, specificity, PPV, NPV with patient-bootstrap
 95% CIs at the stored thresholds, calibration, subgroups, ROC/PR/reliability figures; with
 `boneage` and --boneage also the MAE.
 
 Nothing identifying is written: no names, IDs or birth dates. Of the DICOM header only the view,
 age, sex and laterality are read, and the Study Instance UID only as a keyed hash whose key is
-random per run and never stored (common.study_key). Files straight from a PACS are often named
+random per run and never stored (study_key). Files straight from a PACS are often named
 by their SOP Instance UID, in folders named by Study/Series UID: every path component that looks
 like a UID (1.2.840.113619.2.55.3.604688.12345.dcm) is written as uid-<the same keyed hash>
-(common.hide_uids) in every output file, file name and log line, config.json's record of the
+(hide_uids) in every output file, file name and log line, config.json's record of the
 inputs included; so is a CSV study_id that is a UID.
 
 Reads   MODELS/fracture/{AP,Lat}/group{g}/best.pt (04); MODELS/age/best.pt (03, for images
@@ -48,7 +48,8 @@ Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterali
                              projection_source (csv/dicom/flag), age_group, age_group_name,
                              age_group_source (given/predicted), fracture_prob, raw_prob, fracture_pred,
                              threshold, model, n_images; bone_age_months (--boneage); cam_path (--cam)
-        OUT/skipped.csv      input_path, reason, detail: every image left out and why
+        OUT/skipped.csv      input_path, reason, detail, task: every image left out, why, and for
+                             which task (fracture, bone age, or any: the file cannot be read)
         OUT/gradcam/         Grad-CAM++ overlays (--cam), drawn as in 06_gradcam.py
         OUT/evaluation.json, EVALUATION.md, subgroups.csv, roc.png, pr.png, reliability.png
                              (a CSV with `fracture`): {"image": {...}, "study": {...}, "n_images", ...}
@@ -66,9 +67,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import re
 import secrets
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -126,12 +130,12 @@ def main(argv=None):
     device = common.resolve_device(args.device)
 
     salt = secrets.token_bytes(16)  # the key of the study and UID hashes lives for this run only
-    hide = functools.partial(common.hide_uids, salt=salt)
-    images = common.collect_prediction_inputs(args.inputs)
+    hide = functools.partial(hide_uids, salt=salt)
+    images = collect_prediction_inputs(args.inputs)
     # Written UID-free (a CSV's study_id may be a Study Instance UID too); `path` is the file read.
     images[["input_path", "study_id"]] = images[["input_path", "study_id"]].map(hide, na_action="ignore")
     common.log(f"07: {len(images)} input images; models from {hide(args.models)}")
-    common.resolve_prediction_metadata(images, salt, projection=args.projection, age=args.age, sex=args.sex)
+    resolve_prediction_metadata(images, salt, projection=args.projection, age=args.age, sex=args.sex)
     if fracture_models:
         assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
         predict_fractures(images, fracture_models, edges, args, device, out_dir)
@@ -150,7 +154,7 @@ def main(argv=None):
     skipped = _skip_table(images, hide)
     common.write_csv(skipped, out_dir / "skipped.csv")
     if images["label"].notna().any() or images["boneage"].notna().any():
-        common.evaluate_predictions(images, skipped, edges, out_dir, n_boot=args.bootstrap, hide=hide)
+        evaluate_predictions(images, skipped, edges, out_dir, n_boot=args.bootstrap, hide=hide)
     common.write_run_config(out_dir, args, hide=hide, models=str(args.models.resolve()))
     _print_summary(table, skipped, out_dir, hide)
     return table
@@ -185,13 +189,13 @@ def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, devi
         return
     if not router_path.is_file():
         for index in unknown:
-            common.skip_image(images, index, "no age and no age router", f"{router_path} not found: "
+            skip_image(images, index, "no age and no age router", f"{router_path} not found: "
                               "give an age (CSV column, --age) or run 03_train_age.py")
         return
     router, checkpoint = common.load_trained_model(router_path, device)
     _check_edges(checkpoint, edges, router_path)
     for indices, squares, _ in _batches(images, unknown, checkpoint["image_size"], args.batch_size,
-                                        "age router", common.skip_image):
+                                        "age router", skip_image):
         images.loc[indices, "age_group"] = _infer(router, squares, device).argmax(dim=1).tolist()
         images.loc[indices, "age_group_source"] = "predicted"
 
@@ -206,7 +210,7 @@ def _batches(images: pd.DataFrame, indices, size: int, batch_size: int, desc: st
     """Yield (indices, uint8 [B, S, S] squares, letterboxes) of the readable images, batch by batch.
 
     Preprocessing is common.preprocess_image, the function training used; an image that cannot be
-    decoded is recorded with `skip` (common.skip_image or _skip_bone_age) and never reaches a model.
+    decoded is recorded with `skip` (skip_image or _skip_bone_age) and never reaches a model.
     """
     indices = list(indices)
     for start in common.progress(range(0, len(indices), batch_size), desc=desc, unit="batch"):
@@ -248,7 +252,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         model_path = fracture_models.get((projection, group))
         if model_path is None:
             for index in members.index:
-                common.skip_image(images, index, "no fracture model for the group",
+                skip_image(images, index, "no fracture model for the group",
                                   _missing_model_detail(args.models, projection, group, edges))
             continue
         model, checkpoint = common.load_trained_model(model_path, device)
@@ -257,7 +261,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         relative = model_path.relative_to(args.models).as_posix()
         for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
                                                 args.batch_size, f"{projection} group {group}",
-                                                common.skip_image):
+                                                skip_image):
             probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy().astype(float)
             calibration = checkpoint.get("calibration")
             images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
@@ -294,7 +298,7 @@ def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> 
     """Bone age in months for every readable image with a sex (the model needs it as an input)."""
     import torch
     images["bone_age_months"], images["boneage_skip"], images["boneage_detail"] = None, None, None
-    readable = ~images["skip_reason"].isin(common.IMAGE_PROBLEMS)
+    readable = ~images["skip_reason"].isin(IMAGE_PROBLEMS)
     for index in images.index[readable & images["sex"].isna()]:
         _skip_bone_age(images, index, "no sex", "give a sex column, --sex, or a DICOM with PatientSex")
     model, checkpoint = common.load_trained_model(boneage_path, device)
@@ -326,7 +330,7 @@ def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
 
 def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
     """One row per study (common.study_table: max probability, positive if any image is)."""
-    scored = common.study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
+    scored = study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
     if scored.empty:
         return pd.DataFrame()
     studies = common.study_table(scored.assign(fracture_pred=scored["fracture_pred"].astype(int),
@@ -348,13 +352,16 @@ def _output_columns(args) -> list[str]:
 
 
 def _skip_table(images: pd.DataFrame, hide) -> pd.DataFrame:
-    """Every skip with its reason; the details (error messages may quote the path) through `hide`."""
-    frames = [images.loc[images["skip_reason"].notna(), ["input_path", "skip_reason", "skip_detail"]]
-              .set_axis(["input_path", "reason", "detail"], axis=1)]
+    """Every skip with its reason and the task it stops (`any` for a file no task can read); the
+    details (error messages may quote the path) through `hide`."""
+    fracture = images[images["skip_reason"].notna()]
+    frames = [pd.DataFrame({"input_path": fracture["input_path"], "reason": fracture["skip_reason"],
+                            "detail": fracture["skip_detail"],
+                            "task": np.where(fracture["skip_reason"].isin(IMAGE_PROBLEMS), "any", "fracture")})]
     if "boneage_skip" in images:
         bone = images[images["boneage_skip"].notna()]
         frames.append(pd.DataFrame({"input_path": bone["input_path"], "reason": bone["boneage_skip"],
-                                    "detail": bone["boneage_detail"]}))
+                                    "detail": bone["boneage_detail"], "task": "bone age"}))
     skipped = pd.concat(frames, ignore_index=True)
     return skipped.assign(detail=skipped["detail"].map(hide, na_action="ignore"))
 
@@ -370,6 +377,391 @@ def _print_summary(table: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, hi
     studies = int((table["level"] == "study").sum()) if len(table) else 0
     common.log(f"07: predicted {len(images)} images" + (f" and {studies} studies" if studies else "")
                + f"; skipped {len(skipped)} ({reasons}) -> {hide(out_dir / 'predictions.csv')}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the inputs: worklist, CSV columns, DICOM tags, study keys and UID hiding
+# ------------------------------------------------------------------------------------------------
+
+# 07's CSV column -> its images column; every one optional (a hospital table has them all).
+PREDICTION_CSV_COLUMNS = {"study_id": "study_id", "patient_id": "patient_id", "laterality": "csv_laterality",
+                          "projection": "csv_projection", "age": "csv_age", "sex": "csv_sex",
+                          "fracture": "label", "boneage": "boneage"}
+
+
+def collect_prediction_inputs(inputs: Sequence[Path]) -> pd.DataFrame:
+    """07's inputs (folders, CSVs, image files) as one row per image: input_path as given, path to
+    read, and the CSV's own values (PREDICTION_CSV_COLUMNS, None where not given)."""
+    rows = []
+    for item in inputs:
+        if item.is_dir():
+            rows += [{"input_path": str(path)} for path in _images_under(item)]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            rows += _prediction_rows_from_csv(item)
+        elif item.is_file():
+            rows.append({"input_path": str(item)})
+        else:
+            raise common.InputError(f"{item}: no such folder, CSV or image file")
+    if not rows:
+        raise common.InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
+    frame = pd.DataFrame(rows, columns=["input_path", "path", *PREDICTION_CSV_COLUMNS.values()])
+    frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            path = Path(parent) / name
+            if name.startswith("."):
+                continue
+            # Hospital exports often name DICOM files without an extension (IM000001).
+            if path.suffix.lower() in common.IMAGE_SUFFIXES or (not path.suffix and common.is_dicom(path)):
+                found.append(path)
+    return sorted(found)
+
+
+def _prediction_rows_from_csv(csv_path: Path) -> list[dict]:
+    table = common.read_table_csv(csv_path)
+    path_column = next((c for c in ("image_path", "path") if c in table.columns), None)
+    if path_column is None:
+        raise common.InputError(f"{csv_path}: no `image_path` (or `path`) column; the CSV needs one "
+                         f"image path per row, plus optional {', '.join(PREDICTION_CSV_COLUMNS)}")
+    table = table[table[path_column] != ""]
+    _check_prediction_labels(table, csv_path)
+    return [{"input_path": record[path_column],
+             "path": str(common.resolve_table_path(csv_path, record[path_column])),
+             **{column: record.get(name) or None for name, column in PREDICTION_CSV_COLUMNS.items()}}
+            for record in table.to_dict("records")]
+
+
+def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
+    """Labels are scored, so a bad one is an error, not a skip; scoring needs patients and studies."""
+    if "fracture" in table and not table["fracture"].isin(["0", "1"]).all():
+        bad = table.loc[~table["fracture"].isin(["0", "1"]), "fracture"].iloc[0]
+        raise common.InputError(f"{csv_path}: fracture {bad!r}; the label must be 0 or 1 on every row")
+    if "boneage" in table and pd.to_numeric(table["boneage"], errors="coerce").isna().any():
+        raise common.InputError(f"{csv_path}: a boneage value is not a number of months; fill every row")
+    needed = ["patient_id", "study_id"] if "fracture" in table else ["patient_id"] if "boneage" in table else []
+    missing = [c for c in needed if c not in table or table[c].eq("").any()]
+    if missing:
+        raise common.InputError(f"{csv_path}: labels but no {' and '.join(missing)} on every row; the "
+                         "evaluation resamples patients and scores studies")
+
+
+def resolve_prediction_metadata(images: pd.DataFrame, study_salt: bytes, *, projection: str | None = None,
+                                age: float | None = None, sex: str | None = None) -> None:
+    """Projection, age, sex, laterality and study of each row of collect_prediction_inputs: its
+    CSV row, else its DICOM header (read_dicom_tags), else the flag given here (07's --projection,
+    --age, --sex). An image that cannot be used is marked with skip_image, never dropped."""
+    for column in ("projection", "projection_source", "age", "sex", "laterality", "skip_reason", "skip_detail"):
+        images[column] = None
+    for index, row in common.progress(images.iterrows(), total=len(images), desc="read headers", unit="img"):
+        path = row["path"]
+        if not path.is_file():
+            skip_image(images, index, "file not found", str(path))
+            continue
+        tags = {}
+        if common.is_dicom(path):
+            try:
+                tags = read_dicom_tags(path, study_salt)
+            except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a bad file
+                skip_image(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
+                continue
+        csv_projection, csv_age, csv_sex = row["csv_projection"], row["csv_age"], row["csv_sex"]
+        if csv_projection is not None and csv_projection.lower() not in common.PROJECTION_NAMES:
+            skip_image(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
+            continue
+        if csv_age is not None and not _is_age(csv_age):
+            skip_image(images, index, "age not a number of years", f"CSV age {csv_age!r}")
+            continue
+        if csv_projection is None and tags.get("projection") == "other":
+            skip_image(images, index, "projection not AP or Lat", f"DICOM {tags['view_source']} names another view")
+            continue
+        images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
+            csv_projection and common.PROJECTION_NAMES[csv_projection.lower()], tags.get("projection"), projection)
+        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
+        laterality = (row["csv_laterality"] or "").upper()
+        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
+        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), age)
+        images.at[index, "sex"], _ = _first_given(csv_sex and common.SEX_NAMES.get(csv_sex.lower()), tags.get("sex"), sex)
+        if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
+            skip_image(images, index, "no projection", "give a projection column, --projection, or a "
+                                                       "DICOM with ViewPosition or ViewCodeSequence")
+
+
+def _first_given(csv_value, dicom_value, flag_value) -> tuple:
+    """(value, where it came from): the image's own value wins; a flag only fills a gap."""
+    for value, source in ((csv_value, "csv"), (dicom_value, "dicom"), (flag_value, "flag")):
+        if value is not None:
+            return value, source
+    return None, None
+
+
+def _is_age(text: str) -> bool:
+    try:
+        return 0 <= float(text) < 30
+    except ValueError:
+        return False
+
+
+def skip_image(images: pd.DataFrame, index, reason: str, detail: str) -> None:
+    """Record why an image gets no fracture prediction (the first reason found is kept)."""
+    if images.at[index, "skip_reason"] is None:
+        images.at[index, "skip_reason"] = reason
+        images.at[index, "skip_detail"] = " ".join(str(detail).split())  # one line
+
+
+# DICOM's DX view codes (CID 4010) for the two modelled projections. pydicom's Code compares
+# SNOMED CT codes with their legacy SRT forms (R-10206 == 399348003), so both spellings match.
+def _view_codes() -> dict[str, list]:
+    from pydicom.sr.codedict import codes
+    return {"AP": [codes.SCT.AnteroPosterior, codes.SCT.PosteroAnterior, codes.SCT.Frontal],
+            "Lat": [codes.SCT.LateralProjection, codes.SCT.RightLateral, codes.SCT.LeftLateral,
+                    codes.SCT.LateralMedial, codes.SCT.MedioLateralProjection]}
+
+
+DICOM_VIEW_POSITIONS = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}
+
+
+def read_dicom_tags(path: Path, study_salt: bytes = b"") -> dict:
+    """The few non-identifying values a hospital run may use: view, age, sex, laterality, study.
+
+    projection   'AP'/'Lat' from ViewPosition, else the ViewCodeSequence; 'other' for a view given
+                 but not modelled (oblique, ...); None when the file gives none
+    view_source  'ViewPosition' or 'ViewCodeSequence'
+    age (years), sex ('M'/'F'), laterality ('L'/'R' from ImageLaterality, else Laterality)
+    study_key    a keyed one-way hash of StudyInstanceUID (see study_key); never the UID itself
+    Names, IDs and birth dates are never read into anything the pipeline writes.
+    """
+    import pydicom
+    from pydicom.sr.coding import Code
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    view = str(dataset.get("ViewPosition", "") or "").strip().upper()
+    projection, source = DICOM_VIEW_POSITIONS.get(view, "other" if view else None), "ViewPosition"
+    if projection is None and dataset.get("ViewCodeSequence"):
+        item = dataset.ViewCodeSequence[0]
+        code = Code(str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", "")),
+                    str(item.get("CodeMeaning", "")))
+        source = "ViewCodeSequence"
+        projection = next((name for name, known in _view_codes().items() if code in known), "other")
+    laterality = str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or "").upper()
+    sex = str(dataset.get("PatientSex", "") or "").upper()
+    uid = str(dataset.get("StudyInstanceUID", "") or "")
+    return {"projection": projection, "view_source": source if projection else None,
+            "age": _dicom_age_years(str(dataset.get("PatientAge", "") or "")),
+            "sex": sex if sex in ("M", "F") else None,
+            "laterality": laterality if laterality in ("L", "R") else None,
+            "study_key": study_key(uid, study_salt) if uid else None}
+
+
+def study_key(uid: str, salt: bytes) -> str:
+    """'S' + 16 hex digits of HMAC-SHA256(salt, StudyInstanceUID).
+
+    A plain hash is not enough: UIDs are an organisation root plus a timestamp and a counter, few
+    enough guesses to brute-force. Keyed with a random salt that is made per run and never
+    written, the key groups the images of one run and cannot be traced back to the study.
+    """
+    import hashlib
+    import hmac
+    return "S" + hmac.new(salt, uid.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+# A DICOM UID as a whole path component or word, with or without a file suffix (.dcm): a PACS
+# export names files by their SOP Instance UID and folders by the Study/Series Instance UID. The
+# UID grammar is [0-2](.(0|[1-9][0-9]*))+; leading zeros are accepted too (some vendors write
+# them: masking a look-alike costs nothing, a missed UID is a leak), from 4 parts up so that a
+# version like 1.2.3 stays readable.
+_UID_IN_TEXT = re.compile(r"(?<![\w.-])([0-2](?:\.[0-9]+){3,})(?=(?:\.[A-Za-z][A-Za-z0-9]*)?(?![\w-]|\.\w))")
+
+
+def hide_uids(text, salt: bytes) -> str:
+    """`text` (a path, an error message, a log line) with every DICOM UID in it written as
+    'uid-' + study_key's keyed hash: the same UID gets the same name within a run (so a study
+    folder still groups its files), and no name can be traced back to its UID."""
+    return _UID_IN_TEXT.sub(lambda match: "uid-" + study_key(match.group(1), salt)[1:], str(text))
+
+
+def _dicom_age_years(text: str) -> float | None:
+    match = re.fullmatch(r"(\d{1,3})([DWMY])", text.strip().upper())
+    if not match:
+        return None
+    value, unit = int(match.group(1)), match.group(2)
+    return value / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[unit]
+
+
+# ------------------------------------------------------------------------------------------------
+# External validation: the predictions scored against a hospital's labels (metrics as in 04)
+# ------------------------------------------------------------------------------------------------
+
+EVALUATION_SUBGROUPS = ["projection", "age_group_name", "age_group_source", "sex", "laterality"]
+
+
+IMAGE_PROBLEMS = ("file not found", "unreadable image")  # 07's skips that no task can use
+
+
+def evaluate_predictions(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, *, n_boot: int,
+                         hide: Callable[[str], str] = str) -> dict:
+    """07's external validation: its labelled images, with the skips that concern each label, go
+    to evaluate_external; the headline figures are logged (paths through `hide`, see hide_uids)."""
+    labelled = study_keys(images[images["label"].notna() | images["boneage"].notna()]).assign(
+        label=lambda frame: pd.to_numeric(frame["label"]), boneage=lambda frame: pd.to_numeric(frame["boneage"]))
+    names = common.age_group_names(edges) if edges is not None else []
+    labelled["age_group_name"] = [None if pd.isna(group) else names[int(group)] for group in labelled["age_group"]]
+    # A labelled image with no prediction for what its label scores is a skip of the evaluation.
+    fracture_skips = skipped["input_path"].isin(labelled.loc[labelled["label"].notna(), "input_path"]) \
+        & skipped["task"].isin(["fracture", "any"])
+    bone_skips = skipped["input_path"].isin(labelled.loc[labelled["boneage"].notna(), "input_path"]) \
+        & skipped["task"].isin(["bone age", "any"])
+    result = evaluate_external(labelled, skipped[fracture_skips | bone_skips], out_dir, n_boot=n_boot, seed=0)
+    if "image" in result:
+        image = result["image"]
+        common.log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
+            f"{image['auc_hi']:.3f}], study AUC {result['study']['auc']:.3f} on {result['n_images']} "
+            f"images of {result['n_patients']} patients -> {hide(out_dir / 'EVALUATION.md')}")
+    if "boneage" in result:
+        common.log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
+            f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
+    return result
+
+
+def study_keys(images: pd.DataFrame) -> pd.DataFrame:
+    """patient_id and laterality as '' where unknown: a study key must not be dropped as NaN."""
+    return images.assign(patient_id=images["patient_id"].fillna("").astype(str),
+                         laterality=images["laterality"].fillna(""))
+
+
+def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, *, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Score predictions against a hospital's labels with the shared metric functions (as 04).
+
+    `images`: one row per labelled input image: label (fracture 0/1) and/or boneage (months),
+    patient_id, study_id, laterality, fracture_prob, fracture_pred (at the model's stored
+    threshold), threshold, model, bone_age_months, and the subgroup columns. Images without a
+    prediction are in `skipped` and counted in the report (leaving them out silently would flatter
+    every figure). The thresholds are the ones 04 chose on ITS validation set: nothing here is
+    tuned on the hospital's data. Intervals resample patients. Writes evaluation.json,
+    EVALUATION.md and, for fractures, subgroups.csv, roc.png, pr.png, reliability.png.
+    """
+    fractures = images[images["label"].notna() & images["fracture_prob"].notna()] if "label" in images else images[:0]
+    hands = (images[images["boneage"].notna() & images["bone_age_months"].notna()]
+             if {"boneage", "bone_age_months"} <= set(images) else images[:0])
+    if fractures.empty and hands.empty:
+        raise common.InputError(f"{out_dir}: no labelled image got a prediction ({len(skipped)} skipped, see "
+                         "skipped.csv); nothing to evaluate")
+    result = {"n_skipped": int(len(skipped)),
+              "skipped_reasons": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()}}
+    subgroups = pd.DataFrame()
+    if not fractures.empty:
+        result.update(_fracture_evaluation(fractures, n_boot, seed, out_dir))
+        subgroups = _subgroup_table(fractures, n_boot, seed)
+        common.write_csv(subgroups, out_dir / "subgroups.csv")
+    if not hands.empty:
+        result["boneage"] = _bone_age_error(hands, n_boot, seed)
+        result.setdefault("n_images", int(len(hands)))
+        result.setdefault("n_patients", int(hands["patient_id"].nunique()))
+    common.write_json(result, out_dir / "evaluation.json")
+    with common.atomic_path(out_dir / "EVALUATION.md") as tmp:
+        tmp.write_text(_evaluation_markdown(result, subgroups))
+    return result
+
+
+def _fracture_evaluation(images: pd.DataFrame, n_boot: int, seed: int, out_dir: Path) -> dict:
+    """Image and study metrics, calibration and the figures of the fracture predictions."""
+    labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
+    patients = images["patient_id"].astype(str).to_numpy()
+    studies = common.study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int),
+                                        fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
+    studies = studies.astype({"label": int, "prob": float, "decision": int})
+    common.plot_roc(labels, probs, out_dir / "roc.png", "external validation, images")
+    common.plot_pr(labels, probs, out_dir / "pr.png", "external validation, images")
+    common.plot_reliability({"images": (labels, probs), "studies": (studies["label"].to_numpy(),
+                                                             studies["prob"].to_numpy())},
+                     out_dir / "reliability.png", "calibration (external)")
+    return {
+        "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
+        "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
+                                              studies["patient_id"].astype(str), n_boot, seed),
+        "n_images": int(len(images)), "n_patients": int(len(set(patients))), "n_studies": int(len(studies)),
+        "thresholds": {str(m): float(t) for m, t in images.groupby("model")["threshold"].first().items()},
+        "calibration": {"image": common.calibration_metrics(labels, probs),
+                        "study": common.calibration_metrics(studies["label"], studies["prob"])},
+    }
+
+
+def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int, seed: int) -> dict:
+    """binary_metrics_with_ci where each image was decided at ITS model's threshold.
+
+    AP and Lat (and each age group) have their own threshold, so one cut on the pooled
+    probabilities would not be the deployed decision: AUC ranks the probabilities, every
+    threshold metric counts the stored 0/1 decisions.
+    """
+    result = common.binary_metrics_with_ci(labels, probs, patients, float("nan"), n_boot=n_boot, seed=seed,
+                                    decisions=np.asarray(decisions, dtype=int))
+    result["threshold"] = "stored per model"
+    return result
+
+
+def _bone_age_error(known: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    errors = common.regression_metrics_with_ci(known["boneage"].astype(float), known["bone_age_months"].astype(float),
+                                        known["patient_id"].astype(str), n_boot, seed)
+    return {key: errors[key] for key in ("n", "mae", "mae_lo", "mae_hi")}
+
+
+def _subgroup_table(images: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    rows = []
+    for column in [c for c in EVALUATION_SUBGROUPS if c in images and images[c].notna().any()]:
+        for value, part in images.groupby(images[column].fillna("unknown").astype(str), sort=True):
+            metrics = metrics_at_stored_thresholds(part["label"].astype(int), part["fracture_prob"].astype(float),
+                                                   part["fracture_pred"], part["patient_id"].astype(str),
+                                                   n_boot, seed)
+            rows.append({"subgroup": column, "value": value, **{k: metrics[k] for k in (
+                "n", "n_pos", "auc", "auc_lo", "auc_hi", "sensitivity", "sensitivity_lo", "sensitivity_hi",
+                "specificity", "specificity_lo", "specificity_hi")}})
+    return pd.DataFrame(rows)
+
+
+def _with_ci(metrics: dict, name: str) -> str:
+    value = metrics.get(name)
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3f} [{metrics[f'{name}_lo']:.3f}, {metrics[f'{name}_hi']:.3f}]"
+
+
+def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
+    names = ["auc", "sensitivity", "specificity", "ppv", "npv"]
+    lines = ["# External validation", "",
+             f"{result['n_images']} images of {result['n_patients']} patients were scored; "
+             f"{result['n_skipped']} labelled images got no prediction "
+             f"({', '.join(f'{n} {r}' for r, n in result['skipped_reasons'].items()) or 'none'}).", ""]
+    if "boneage" in result:
+        lines += [f"Bone age: MAE {_with_ci(result['boneage'], 'mae')} months on {result['boneage']['n']} images.", ""]
+    if "image" not in result:
+        return "\n".join(lines)
+    lines += [f"Fractures: {result['n_images']} images in {result['n_studies']} studies.",
+             "Each image is decided at the threshold its model's training run chose on its own validation "
+             "set (nothing is tuned on these images). A study is scored by its most suspicious image and is "
+             "positive when any image is. Brackets: 95% intervals from resampling patients.", "",
+             "| level | n (positive) | " + " | ".join(n.upper() if len(n) == 3 else n for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for level in ("image", "study"):
+        metrics = result[level]
+        lines.append(f"| {level} | {metrics['n']} ({metrics['n_pos']}) | "
+                     + " | ".join(_with_ci(metrics, n) for n in names) + " |")
+    calibration = result["calibration"]
+    lines += ["", f"Calibration: Brier {calibration['image']['brier']:.3f} (images), "
+                  f"{calibration['study']['brier']:.3f} (studies); ECE {calibration['image']['ece']:.3f} (images).",
+              ""]
+    if not subgroups.empty:
+        lines += ["## Subgroups (images)", "", "| subgroup | value | n (positive) | AUC | sensitivity | specificity |",
+                  "|---|---|---|---|---|---|"]
+        for row in subgroups.to_dict("records"):
+            lines.append(f"| {row['subgroup']} | {row['value']} | {row['n']} ({row['n_pos']}) | "
+                         f"{_with_ci(row, 'auc')} | {_with_ci(row, 'sensitivity')} | {_with_ci(row, 'specificity')} |")
+        lines.append("")
+    lines += ["![ROC](roc.png) ![PR](pr.png) ![reliability](reliability.png)", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

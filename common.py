@@ -49,12 +49,10 @@ DEMO_BONEAGE_ROOT = ROOT / "data" / "demo" / "rsna_boneage"
 DEFAULT_OUT = ROOT / "outputs"
 
 PROJECTIONS = {"AP": 1, "Lat": 2}  # GRAZPEDWRI-DX codes; 3 = oblique, never modelled
-DEFAULT_AGE_EDGES = (5.0, 10.0, 15.0)
 BONEAGE_MAX_MONTHS = 240.0
 
 # Input size per preset. 03 and 04 share the wrist size so they share one image cache.
 IMAGE_SIZE = {"demo": 64, "full": 384}
-BONEAGE_IMAGE_SIZE = {"demo": 96, "full": 512}
 
 # Grey-level normalisation: the mean/std of ImageNet's luminance, because the full preset starts
 # from ImageNet weights whose first convolution timm folds to one channel.
@@ -62,217 +60,8 @@ PIXEL_MEAN, PIXEL_STD = 0.449, 0.226
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Command line, errors and small file helpers
-# ------------------------------------------------------------------------------------------------
-
-class InputError(SystemExit):
-    """A problem with the user's input. Raised as SystemExit so the user sees one line, no traceback.
-
-    The message names the file, the problem and the fix. Tests catch it like any exception.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags every stage and run_all.py share, with the same names and defaults."""
-    parser.add_argument("--data", type=Path, default=None,
-                        help="GRAZPEDWRI-DX-layout folder holding dataset.csv and the images "
-                             f"(default: the demo, {DEMO_WRIST_ROOT.relative_to(ROOT)})")
-    parser.add_argument("--boneage-data", type=Path, default=None,
-                        help="RSNA bone-age folder or CSV (default: the demo, "
-                             f"{DEMO_BONEAGE_ROOT.relative_to(ROOT)})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="output folder shared by all stages (default: outputs/)")
-    parser.add_argument("--preset", choices=["demo", "full"], default=None,
-                        help="demo: tiny models and images for a CPU; full: the original "
-                             "architectures and sizes (default: demo on the demo data, else full)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to train (default: auto = CUDA if visible)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    return parser
-
-
-def resolve_common_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the data and preset defaults: the demo preset goes with the demo data.
-
-    The wrist and bone-age tasks are independent datasets, so they are independent tracks:
-    neither --data nor --boneage-data gives the demo of both; either one alone runs that track
-    only, and the other stays None (its stages are skipped, never pointed at the demo).
-    """
-    on_demo = args.data is None and args.boneage_data is None
-    if on_demo:
-        args.data, args.boneage_data = DEMO_WRIST_ROOT, DEMO_BONEAGE_ROOT
-    args.data = Path(args.data) if args.data is not None else None
-    args.boneage_data = Path(args.boneage_data) if args.boneage_data is not None else None
-    args.out = Path(args.out)
-    if args.preset is None:
-        args.preset = "demo" if on_demo else "full"
-    return args
-
-
-def make_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser whose --help is the stage's docstring, plus the common flags."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_common_args(parser)
-
-
-def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of the training stages (03, 04, 05); None means 'take the preset's value'."""
-    group = parser.add_argument_group("training")
-    group.add_argument("--arch", help="timm architecture (default: per preset)")
-    group.add_argument("--pretrained", help="local weights file for --arch (.safetensors/.pth), or "
-                                            "'download' on an online machine (default: random init)")
-    group.add_argument("--epochs", type=int, help="maximum epochs (default: per preset)")
-    group.add_argument("--batch-size", type=int, help="GLOBAL batch size, split across ranks (default: per preset)")
-    group.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
-    group.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
-    group.add_argument("--image-size", type=int, help="input size in pixels (default: per preset)")
-    group.add_argument("--workers", type=int, help="loader processes per rank (default: 0 on CPU, "
-                                                   "where the cache makes loading nearly free; 4 on GPU)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow to start)")
-    group.add_argument("--force", action="store_true",
-                       help="train from scratch even if a last.pt of the same code, data and settings "
-                            "exists (a torchrun restart of the same launch still resumes)")
-    group.add_argument("--mlflow", action="store_true", help="log params, per-epoch and final metrics, "
-                                                              "plots and the model to MLflow")
-    group.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under OUT/mlruns/)")
-    group.add_argument("--init-from", metavar="PATH", help="start from the best.pt/last.pt of an earlier run "
-                                                           "of this stage (fine-tuning; a head of another "
-                                                           "size starts fresh) (default: none)")
-    return parser
-
-
-def apply_training_preset(args: argparse.Namespace, presets: dict, image_size: int) -> argparse.Namespace:
-    """Fill every training flag the user left out from the stage's preset table."""
-    for key, value in presets[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.image_size = args.image_size or image_size
-    if args.workers is None:
-        import_torch()  # the stage's first use of torch
-        import torch
-        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        args.workers = min(4, os.cpu_count() or 1) if on_gpu else 0
-    return args
-
-
-def log(*parts, **kwargs) -> None:
-    """Print on rank 0 only, flushed, so torchrun logs stay readable."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*parts, **kwargs, flush=True)
-
-
-def progress(iterable: Iterable, **kwargs):
-    """A tqdm bar on rank 0; silent elsewhere."""
-    from tqdm import tqdm
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    return tqdm(iterable, disable=quiet, mininterval=1.0 if sys.stderr.isatty() else 10.0,
-                dynamic_ncols=True, **kwargs)
-
-
-def ensure_writable_dir(path: Path) -> Path:
-    """Create `path` (and parents) and prove it is writable, or fail with one line."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise InputError(f"{path}: cannot write there ({error.strerror}); pass --out with a "
-                         "folder you can write to") from None
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary name beside `path`; on success it replaces `path` in one step.
-
-    A reader never sees a half-written file, and an interrupted write leaves the old one intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return Path(path)
-
-
-def write_json(obj, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    return Path(path)
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def config_dict(args: argparse.Namespace) -> dict:
-    """The resolved CLI as JSON primitives (a Path in a checkpoint breaks weights_only loading)."""
-    return json.loads(json.dumps(vars(args), default=_json_default))
-
-
-def library_versions() -> dict:
-    """Installed versions of the libraries that shape a result (read from package metadata, so
-    nothing has to be imported first)."""
-    from importlib.metadata import PackageNotFoundError, version
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "pydicom",
-                 "opencv-python-headless", "grad-cam"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return versions
-
-
-def write_run_config(folder: Path, args: argparse.Namespace, *, hide: Callable[[str], str] | None = None,
-                     **extra) -> Path:
-    """Record how a stage was run beside its outputs: command line, resolved flags, versions.
-
-    `hide` rewrites the command and the values (07 passes hide_uids: its inputs may be named by
-    DICOM UIDs); the library versions are added after it, so a version string is never touched.
-    """
-    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "config": config_dict(args), **extra}
-    if hide is not None:
-        record = json.loads(hide(json.dumps(record)))
-    return write_json({**record, "versions": library_versions()}, Path(folder) / "config.json")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. Data readers
+# 1. Data: GRAZPEDWRI-DX dataset.csv and its filters, hospital tables, RSNA bone-age CSVs, splits
+#    (01, 02, 03, 04, 05, 06, 07, run_all)
 # ------------------------------------------------------------------------------------------------
 
 GRAZ_COLUMNS = ["filestem", "patient_id", "study_number", "timehash", "gender", "age",
@@ -541,136 +330,6 @@ def _flag_column(table: pd.DataFrame, name: str, csv_path: Path) -> pd.Series:
     return values.astype(int)
 
 
-# 07's CSV column -> its images column; every one optional (a hospital table has them all).
-PREDICTION_CSV_COLUMNS = {"study_id": "study_id", "patient_id": "patient_id", "laterality": "csv_laterality",
-                          "projection": "csv_projection", "age": "csv_age", "sex": "csv_sex",
-                          "fracture": "label", "boneage": "boneage"}
-
-
-def collect_prediction_inputs(inputs: Sequence[Path]) -> pd.DataFrame:
-    """07's inputs (folders, CSVs, image files) as one row per image: input_path as given, path to
-    read, and the CSV's own values (PREDICTION_CSV_COLUMNS, None where not given)."""
-    rows = []
-    for item in inputs:
-        if item.is_dir():
-            rows += [{"input_path": str(path)} for path in _images_under(item)]
-        elif item.suffix.lower() == ".csv" and item.is_file():
-            rows += _prediction_rows_from_csv(item)
-        elif item.is_file():
-            rows.append({"input_path": str(item)})
-        else:
-            raise InputError(f"{item}: no such folder, CSV or image file")
-    if not rows:
-        raise InputError(f"{', '.join(map(str, inputs))}: no images found (.png/.jpg/.jpeg/.dcm)")
-    frame = pd.DataFrame(rows, columns=["input_path", "path", *PREDICTION_CSV_COLUMNS.values()])
-    frame["path"] = frame["path"].fillna(frame["input_path"]).map(Path)
-    return frame.astype(object).where(frame.notna(), None)
-
-
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for parent, _, names in os.walk(folder, followlinks=True):
-        for name in names:
-            path = Path(parent) / name
-            if name.startswith("."):
-                continue
-            # Hospital exports often name DICOM files without an extension (IM000001).
-            if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom(path)):
-                found.append(path)
-    return sorted(found)
-
-
-def _prediction_rows_from_csv(csv_path: Path) -> list[dict]:
-    table = read_table_csv(csv_path)
-    path_column = next((c for c in ("image_path", "path") if c in table.columns), None)
-    if path_column is None:
-        raise InputError(f"{csv_path}: no `image_path` (or `path`) column; the CSV needs one "
-                         f"image path per row, plus optional {', '.join(PREDICTION_CSV_COLUMNS)}")
-    table = table[table[path_column] != ""]
-    _check_prediction_labels(table, csv_path)
-    return [{"input_path": record[path_column],
-             "path": str(resolve_table_path(csv_path, record[path_column])),
-             **{column: record.get(name) or None for name, column in PREDICTION_CSV_COLUMNS.items()}}
-            for record in table.to_dict("records")]
-
-
-def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
-    """Labels are scored, so a bad one is an error, not a skip; scoring needs patients and studies."""
-    if "fracture" in table and not table["fracture"].isin(["0", "1"]).all():
-        bad = table.loc[~table["fracture"].isin(["0", "1"]), "fracture"].iloc[0]
-        raise InputError(f"{csv_path}: fracture {bad!r}; the label must be 0 or 1 on every row")
-    if "boneage" in table and pd.to_numeric(table["boneage"], errors="coerce").isna().any():
-        raise InputError(f"{csv_path}: a boneage value is not a number of months; fill every row")
-    needed = ["patient_id", "study_id"] if "fracture" in table else ["patient_id"] if "boneage" in table else []
-    missing = [c for c in needed if c not in table or table[c].eq("").any()]
-    if missing:
-        raise InputError(f"{csv_path}: labels but no {' and '.join(missing)} on every row; the "
-                         "evaluation resamples patients and scores studies")
-
-
-def resolve_prediction_metadata(images: pd.DataFrame, study_salt: bytes, *, projection: str | None = None,
-                                age: float | None = None, sex: str | None = None) -> None:
-    """Projection, age, sex, laterality and study of each row of collect_prediction_inputs: its
-    CSV row, else its DICOM header (read_dicom_tags), else the flag given here (07's --projection,
-    --age, --sex). An image that cannot be used is marked with skip_image, never dropped."""
-    for column in ("projection", "projection_source", "age", "sex", "laterality", "skip_reason", "skip_detail"):
-        images[column] = None
-    for index, row in progress(images.iterrows(), total=len(images), desc="read headers", unit="img"):
-        path = row["path"]
-        if not path.is_file():
-            skip_image(images, index, "file not found", str(path))
-            continue
-        tags = {}
-        if is_dicom(path):
-            try:
-                tags = read_dicom_tags(path, study_salt)
-            except Exception as error:  # noqa: BLE001 -- pydicom raises many types for a bad file
-                skip_image(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
-                continue
-        csv_projection, csv_age, csv_sex = row["csv_projection"], row["csv_age"], row["csv_sex"]
-        if csv_projection is not None and csv_projection.lower() not in PROJECTION_NAMES:
-            skip_image(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
-            continue
-        if csv_age is not None and not _is_age(csv_age):
-            skip_image(images, index, "age not a number of years", f"CSV age {csv_age!r}")
-            continue
-        if csv_projection is None and tags.get("projection") == "other":
-            skip_image(images, index, "projection not AP or Lat", f"DICOM {tags['view_source']} names another view")
-            continue
-        images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
-            csv_projection and PROJECTION_NAMES[csv_projection.lower()], tags.get("projection"), projection)
-        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
-        laterality = (row["csv_laterality"] or "").upper()
-        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
-        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), age)
-        images.at[index, "sex"], _ = _first_given(csv_sex and SEX_NAMES.get(csv_sex.lower()), tags.get("sex"), sex)
-        if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
-            skip_image(images, index, "no projection", "give a projection column, --projection, or a "
-                                                       "DICOM with ViewPosition or ViewCodeSequence")
-
-
-def _first_given(csv_value, dicom_value, flag_value) -> tuple:
-    """(value, where it came from): the image's own value wins; a flag only fills a gap."""
-    for value, source in ((csv_value, "csv"), (dicom_value, "dicom"), (flag_value, "flag")):
-        if value is not None:
-            return value, source
-    return None, None
-
-
-def _is_age(text: str) -> bool:
-    try:
-        return 0 <= float(text) < 30
-    except ValueError:
-        return False
-
-
-def skip_image(images: pd.DataFrame, index, reason: str, detail: str) -> None:
-    """Record why an image gets no fracture prediction (the first reason found is kept)."""
-    if images.at[index, "skip_reason"] is None:
-        images.at[index, "skip_reason"] = reason
-        images.at[index, "skip_detail"] = " ".join(str(detail).split())  # one line
-
-
 # RSNA bone age: three published CSV variants, mapped to id / boneage / male.
 BONEAGE_COLUMN_NAMES = {
     "id": "id", "image id": "id", "case id": "id",
@@ -778,16 +437,8 @@ def assert_no_patient_leak(splits: dict[str, pd.DataFrame], key: str = "patient_
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Age groups
+# 2. Age groups: the one definition every stage uses (01, 02, 03, 04, 05, 07)
 # ------------------------------------------------------------------------------------------------
-
-def parse_age_edges(text: str | Sequence[float]) -> tuple[float, ...]:
-    """'5,10,15' -> (5.0, 10.0, 15.0); strictly increasing and positive."""
-    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
-    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
-        raise InputError(f"--age-edges {text!r}: give strictly increasing positive years, e.g. 5,10,15")
-    return tuple(values)
-
 
 def age_group_of(age, edges: Sequence[float]) -> np.ndarray:
     """Half-open bins [e_i, e_{i+1}): a child who turned 5.0 today is in group 1, never in two.
@@ -827,10 +478,6 @@ def sort_wrist(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["projection", "age_bin", "label", "filestem"])
 
 
-def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_values(["age_bin", "sex", "id"])
-
-
 def age_groups_path(out: Path) -> Path:
     return Path(out) / "splits" / "age_groups.json"
 
@@ -844,7 +491,200 @@ def read_age_edges(out: Path) -> tuple[float, ...]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Images: loading, letterbox, preprocess-once cache
+# 3. Models and losses: timm factory, focal loss, GeM, bone-age model (03, 04, 05, 06, 07)
+# ------------------------------------------------------------------------------------------------
+
+# Tiny members of the full preset's families, for tests and CPU smoke runs, in the spirit of timm's
+# own test_resnet / test_convnext (timm has none for Swin or ConvNeXtV2): a registered timm
+# architecture built with a few blocks of small width. Same code paths (GRN, windowed attention with
+# relative-position bias, shifted windows, NHWC features) at a fraction of the cost; no weights.
+TINY_FAMILY_MEMBERS = {
+    "test_convnextv2": ("convnextv2_atto", {"depths": (1, 1, 1, 1), "dims": (16, 32, 48, 64)}),
+    "test_swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": (1, 1, 2, 1),
+                                                   "num_heads": (1, 2, 2, 4), "window_size": 4}),
+}
+
+
+def check_architecture(arch: str) -> None:
+    import timm
+    if arch in TINY_FAMILY_MEMBERS:
+        return
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=4)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise InputError(f"--arch {arch}: not a timm architecture{hint}")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Fail before any work (and before the process group starts) on a bad arch, device or weights path."""
+    check_architecture(args.arch)
+    resolve_device(args.device)
+    _check_weights_file(args.pretrained, args.arch)
+    if getattr(args, "init_from", None):
+        trained_as = load_checkpoint(Path(args.init_from)).get("arch")  # readable, weights_only
+        if trained_as and trained_as != args.arch:
+            raise InputError(f"--init-from {args.init_from}: trained as {trained_as}, this run builds "
+                             f"{args.arch}; pass --arch {trained_as}")
+
+
+def _check_weights_file(pretrained: str | None, arch: str) -> None:
+    if pretrained not in (None, "download") and not Path(pretrained).is_file():
+        raise InputError(f"--pretrained {pretrained}: weights file not found; download the {arch} "
+                         "weights (.safetensors or .pth) on an online machine and give the local path")
+
+
+def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
+                 image_size: int | None = None, **kwargs):
+    """A timm model with `num_classes` outputs on `in_chans`-channel (grey) input.
+
+    pretrained: None = random init (the demo); a path = weights from that local file (timm adapts
+    the first convolution to one channel and drops a classifier of the wrong size); 'download' =
+    let timm fetch them, for an online machine only.
+    """
+    import timm
+    check_architecture(arch)
+    if image_size and any(family in arch for family in ("swin", "vit", "deit")):
+        # Transformers fix their input size (and position tables). Swin at a size its window does
+        # not divide still works: timm shrinks a window larger than its stage's feature map to
+        # that map and pads the rest (checked down to 40 px for window 7 and 12).
+        kwargs["img_size"] = image_size
+    if arch in TINY_FAMILY_MEMBERS:
+        if pretrained is not None:
+            raise InputError(f"--arch {arch}: a tiny test model has no pretrained weights; drop "
+                             "--pretrained or pick a full-size architecture")
+        base, overrides = TINY_FAMILY_MEMBERS[arch]
+        return timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 **overrides, **kwargs)
+    if pretrained is None:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained == "download":
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _can_reach("huggingface.co")
+        try:
+            if offline:
+                raise ConnectionError("no connection to huggingface.co")
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except Exception as error:  # offline: huggingface_hub/urllib raise many error types
+            raise InputError(f"--pretrained download: could not fetch weights for {arch} "
+                             f"({type(error).__name__}); on a machine with internet run "
+                             f"`python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"`, "
+                             "copy the .safetensors file from the Hugging Face cache, and pass "
+                             "--pretrained PATH") from None
+    _check_weights_file(pretrained, arch)
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)},
+                             num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _torch_modules():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    return torch, nn, F
+
+
+def binary_focal_loss(logits, targets, alpha: float = 0.5, gamma: float = 2.0):
+    """Focal loss (Lin et al. 2017) for one logit per image, averaged: torchvision's implementation.
+
+    alpha weights the positive class and 1 - alpha the negative one (a real per-class weight, not
+    a constant; alpha < 0 switches the weighting off); gamma down-weights easy examples. With
+    gamma = 0 this is alpha-weighted BCE. Computed in float32 whatever the autocast dtype.
+    """
+    from torchvision.ops import sigmoid_focal_loss
+    return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha if alpha >= 0 else -1,
+                              gamma=gamma, reduction="mean")
+
+
+def build_gem(p: float = 3.0, p_max: float = 6.0, eps: float = 1e-6):
+    """Generalised-mean pooling with a learnable exponent p (p=1: average, p->inf: max).
+
+    Small, bright structures (a growth plate, a cortical break) survive GeM better than averaging.
+    The exponent is bounded, p = 1 + (p_max - 1) * sigmoid(raw), starting at `p`: a free p can
+    drift below 1 (no longer between mean and max) or far above, where x**p overflows in bf16.
+    The input is made non-negative by construction, softplus(x), because x**p needs x >= 0 and
+    ConvNeXt/Swin features are signed: clamping them at eps (the seed's way) threw away every
+    negative activation and its gradient, whereas softplus keeps their order and lets them learn.
+    """
+    torch, nn, F = _torch_modules()
+    fraction = (p - 1.0) / (p_max - 1.0)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"GeM: the initial exponent {p} must lie strictly between 1 and {p_max}")
+
+    class GeM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.raw_p = nn.Parameter(torch.tensor(math.log(fraction / (1.0 - fraction))))
+            self.p_max, self.eps = p_max, eps
+
+        @property
+        def p(self):
+            return 1.0 + (self.p_max - 1.0) * torch.sigmoid(self.raw_p)
+
+        def forward(self, x):
+            exponent = self.p
+            # The clamp only touches softplus outputs below eps (inputs below about -14), where the
+            # root's gradient would otherwise be infinite.
+            positive = F.softplus(x.float()).clamp(min=self.eps)
+            pooled = F.adaptive_avg_pool2d(positive.pow(exponent), 1)
+            return pooled.pow(1.0 / exponent).flatten(1)
+
+    return GeM()
+
+
+def build_boneage_model(arch: str, pretrained: str | None = None, max_months: float = BONEAGE_MAX_MONTHS,
+                        init_months: float | None = None, sex_dim: int = 16, image_size: int | None = None):
+    """Backbone features -> GeM -> concat sex embedding -> MLP head -> sigmoid x max_months.
+
+    The sigmoid keeps every prediction within [0, max_months]. Sex enters as an embedding because
+    bone maturation differs by sex: the same hand means a different bone age in a girl and a boy.
+    init_months sets the head's bias so training starts from the training mean, not 120 months.
+
+    The backbone is timm's features_only model up to its last stage: it owns no classifier and no
+    head norm, so every parameter gets a gradient and DDP needs no find_unused_parameters (the
+    whole ConvNeXt with num_classes=0 kept a head norm that forward_features never used, and 05
+    died at the second step on 2+ ranks). Swin gives NHWC features and needs its image size.
+    """
+    torch, nn, _ = _torch_modules()
+    backbone = create_model(arch, num_classes=0, pretrained=pretrained, image_size=image_size,
+                            features_only=True, out_indices=(-1,))
+    channels = backbone.feature_info.channels()[-1]
+    channels_last_output = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
+
+    class BoneAgeModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.pool = build_gem()
+            self.sex_embedding = nn.Embedding(2, sex_dim)
+            self.head = nn.Sequential(nn.Linear(channels + sex_dim, 256), nn.GELU(),
+                                      nn.Dropout(0.1), nn.Linear(256, 1))
+            self.max_months = max_months
+            if init_months is not None:
+                fraction = min(max(init_months / max_months, 0.01), 0.99)
+                nn.init.constant_(self.head[-1].bias, math.log(fraction / (1 - fraction)))
+
+        def forward(self, images, male):
+            features = self.backbone(images)[-1]
+            if channels_last_output:
+                features = features.permute(0, 3, 1, 2)
+            pooled = self.pool(features)
+            joined = torch.cat([pooled, self.sex_embedding(male.long())], dim=1)
+            return torch.sigmoid(self.head(joined).squeeze(1).float()) * self.max_months
+
+    model = BoneAgeModel()
+    model.arch = arch
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Images: one loader for PNG/JPEG/DICOM, letterbox, preprocess-once cache (03, 04, 05, 06, 07)
 # ------------------------------------------------------------------------------------------------
 
 class ImageReadError(Exception):
@@ -959,84 +799,6 @@ def _decoder_hint(dataset) -> str:
         return (f"no decoder installed for {syntax.name}: pip install -r requirements.txt "
                 "(the pylibjpeg plugins)")
     return f"the {syntax.name} data looks corrupt or truncated; re-export the image from the PACS"
-
-
-# DICOM's DX view codes (CID 4010) for the two modelled projections. pydicom's Code compares
-# SNOMED CT codes with their legacy SRT forms (R-10206 == 399348003), so both spellings match.
-def _view_codes() -> dict[str, list]:
-    from pydicom.sr.codedict import codes
-    return {"AP": [codes.SCT.AnteroPosterior, codes.SCT.PosteroAnterior, codes.SCT.Frontal],
-            "Lat": [codes.SCT.LateralProjection, codes.SCT.RightLateral, codes.SCT.LeftLateral,
-                    codes.SCT.LateralMedial, codes.SCT.MedioLateralProjection]}
-
-
-DICOM_VIEW_POSITIONS = {"AP": "AP", "PA": "AP", "LAT": "Lat", "LL": "Lat", "RL": "Lat", "LATERAL": "Lat"}
-
-
-def read_dicom_tags(path: Path, study_salt: bytes = b"") -> dict:
-    """The few non-identifying values a hospital run may use: view, age, sex, laterality, study.
-
-    projection   'AP'/'Lat' from ViewPosition, else the ViewCodeSequence; 'other' for a view given
-                 but not modelled (oblique, ...); None when the file gives none
-    view_source  'ViewPosition' or 'ViewCodeSequence'
-    age (years), sex ('M'/'F'), laterality ('L'/'R' from ImageLaterality, else Laterality)
-    study_key    a keyed one-way hash of StudyInstanceUID (see study_key); never the UID itself
-    Names, IDs and birth dates are never read into anything the pipeline writes.
-    """
-    import pydicom
-    from pydicom.sr.coding import Code
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    view = str(dataset.get("ViewPosition", "") or "").strip().upper()
-    projection, source = DICOM_VIEW_POSITIONS.get(view, "other" if view else None), "ViewPosition"
-    if projection is None and dataset.get("ViewCodeSequence"):
-        item = dataset.ViewCodeSequence[0]
-        code = Code(str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", "")),
-                    str(item.get("CodeMeaning", "")))
-        source = "ViewCodeSequence"
-        projection = next((name for name, known in _view_codes().items() if code in known), "other")
-    laterality = str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or "").upper()
-    sex = str(dataset.get("PatientSex", "") or "").upper()
-    uid = str(dataset.get("StudyInstanceUID", "") or "")
-    return {"projection": projection, "view_source": source if projection else None,
-            "age": _dicom_age_years(str(dataset.get("PatientAge", "") or "")),
-            "sex": sex if sex in ("M", "F") else None,
-            "laterality": laterality if laterality in ("L", "R") else None,
-            "study_key": study_key(uid, study_salt) if uid else None}
-
-
-def study_key(uid: str, salt: bytes) -> str:
-    """'S' + 16 hex digits of HMAC-SHA256(salt, StudyInstanceUID).
-
-    A plain hash is not enough: UIDs are an organisation root plus a timestamp and a counter, few
-    enough guesses to brute-force. Keyed with a random salt that is made per run and never
-    written, the key groups the images of one run and cannot be traced back to the study.
-    """
-    import hashlib
-    import hmac
-    return "S" + hmac.new(salt, uid.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-# A DICOM UID as a whole path component or word, with or without a file suffix (.dcm): a PACS
-# export names files by their SOP Instance UID and folders by the Study/Series Instance UID. The
-# UID grammar is [0-2](.(0|[1-9][0-9]*))+; leading zeros are accepted too (some vendors write
-# them: masking a look-alike costs nothing, a missed UID is a leak), from 4 parts up so that a
-# version like 1.2.3 stays readable.
-_UID_IN_TEXT = re.compile(r"(?<![\w.-])([0-2](?:\.[0-9]+){3,})(?=(?:\.[A-Za-z][A-Za-z0-9]*)?(?![\w-]|\.\w))")
-
-
-def hide_uids(text, salt: bytes) -> str:
-    """`text` (a path, an error message, a log line) with every DICOM UID in it written as
-    'uid-' + study_key's keyed hash: the same UID gets the same name within a run (so a study
-    folder still groups its files), and no name can be traced back to its UID."""
-    return _UID_IN_TEXT.sub(lambda match: "uid-" + study_key(match.group(1), salt)[1:], str(text))
-
-
-def _dicom_age_years(text: str) -> float | None:
-    match = re.fullmatch(r"(\d{1,3})([DWMY])", text.strip().upper())
-    if not match:
-        return None
-    value, unit = int(match.group(1)), match.group(2)
-    return value / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[unit]
 
 
 def scale_to_unit(raw: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
@@ -1341,668 +1103,7 @@ def drop_unreadable(frame: pd.DataFrame, cache: ImageCache, what: str) -> pd.Dat
 
 
 # ------------------------------------------------------------------------------------------------
-# 4b. Fracture models of a run and Grad-CAM++ overlays (06_gradcam and 07_predict)
-# ------------------------------------------------------------------------------------------------
-
-MAX_OVERLAY_SIDE = 1024  # full-size radiographs would make 10 MB PNGs
-
-
-def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], Path]:
-    """{(projection, age group): best.pt} of every model 04 trained, AP before Lat, groups in
-    order; a group 04 skipped has no best.pt. (06 and 07 use this.)"""
-    found = {}
-    for projection in PROJECTIONS:
-        groups = sorted(int(folder.name.removeprefix("group"))
-                        for folder in (Path(fracture_dir) / projection).glob("group*")
-                        if folder.name.removeprefix("group").isdigit())
-        for group in groups:
-            path = Path(fracture_dir) / projection / f"group{group}" / "best.pt"
-            if path.is_file():
-                found[(projection, group)] = path
-    return found
-
-
-def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM++ maps of the fracture logit, [B, S, S] in [0, 1], and the fracture probabilities.
-
-    `squares` are uint8 [B, S, S] from preprocess_image. The model has ONE logit; the
-    target is BinaryClassifierOutputTarget(1), i.e. the logit itself (evidence FOR a fracture),
-    for every image whatever its prediction: a false negative then shows what little fracture
-    evidence the model found, a false positive what misled it. (ClassifierOutputTarget(0) picks the
-    same logit; ClassifierOutputTarget(1) would index past the single output, and the default
-    argmax target is meaningless for one logit.) fp32 without autocast: Grad-CAM++ weights use
-    gradients cubed, which underflow in bf16.
-    """
-    import torch
-    from pytorch_grad_cam import GradCAMPlusPlus
-    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
-    model = model.float().eval()
-    images = prepare_images(torch.from_numpy(np.ascontiguousarray(squares)).unsqueeze(1),
-                                   device, train=False, channels_last=False)
-    cam = GradCAMPlusPlus(model, target_layers_for(model), reshape_transform=reshape_transform_for(model))
-    try:
-        # Not `with cam:` -- its __exit__ swallows IndexError and would hide a wrong target layer.
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False), \
-                layer_norm_statistics_as_constants(model):
-            maps = cam(images, targets=[BinaryClassifierOutputTarget(1)] * len(images))
-        logits = cam.outputs.detach().float().reshape(len(images), -1)[:, 0]
-    finally:
-        cam.activations_and_grads.release()
-        model.zero_grad(set_to_none=True)
-    return maps.astype(np.float32), torch.sigmoid(logits).cpu().numpy()
-
-
-@contextlib.contextmanager
-def layer_norm_statistics_as_constants(model):
-    """Within the block, every LayerNorm passes gradients as if its mean and variance were constants.
-
-    The forward values are unchanged. Why: the LayerNorm between the last stage and the logit
-    (ConvNeXt's head norm after pooling, Swin's final norm) makes the logit invariant to the scale
-    of its input, so the true gradient is orthogonal to the features themselves: for ConvNeXt,
-    gradient x activation then sums to exactly zero over the image, and which part of the map
-    comes out positive is arbitrary (in our tests, the opposite corner to the evidence about half
-    the time). With the statistics held constant the head is linear in the features, each
-    position's share of the logit is exact, and the map follows the evidence; this is the "LN
-    rule" of Ali et al., ICML 2022. LayerNorms before the target layer do not affect its gradient.
-    """
-    import torch
-    from timm.layers import LayerNorm2d
-
-    def hook(module, inputs, output):
-        features = inputs[0]
-        # timm's LayerNorm2d normalises channels (dim 1) of NCHW maps; nn.LayerNorm the last dims.
-        dims = (1,) if isinstance(module, LayerNorm2d) else tuple(range(-len(module.normalized_shape), 0))
-        scale = torch.rsqrt(features.var(dim=dims, keepdim=True, unbiased=False) + module.eps).detach()
-        if module.weight is not None:
-            weight = module.weight.detach()
-            scale = scale * (weight.view(-1, 1, 1) if isinstance(module, LayerNorm2d) else weight)
-        # Value: the LayerNorm's own output. Gradient: weight / std, the statistics held fixed.
-        return output.detach() + (features - features.detach()) * scale
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def target_layers_for(model) -> list:
-    """The last feature stage before pooling, per architecture family (timm models).
-
-    ConvNeXt and ConvNeXtV2 (one timm class): `stages[-1]`, channels-first (B, C, H, W).
-    Swin (v1 and v2): `layers[-1]`, whose output is channels-LAST (B, H, W, C): it needs
-    `reshape_transform_for(model)`, or the CAM would weigh rows of the map as if they were channels.
-    ResNet family (the demo's resnet10t): `layer4[-1]`, the last residual block.
-    """
-    family = _family(model)
-    if family == "convnext":
-        return [model.stages[-1]]
-    if family == "swin":
-        return [model.layers[-1]]
-    return [model.layer4[-1]]
-
-
-def reshape_transform_for(model):
-    """None for channels-first families; `to_channels_first` for Swin's channels-last stages."""
-    return to_channels_first if _family(model) == "swin" else None
-
-
-def _family(model) -> str:
-    from timm.models.convnext import ConvNeXt
-    from timm.models.resnet import ResNet
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-    if isinstance(model, ConvNeXt):
-        return "convnext"
-    if isinstance(model, (SwinTransformer, SwinTransformerV2)):
-        return "swin"
-    if isinstance(model, ResNet):
-        return "resnet"
-    raise InputError(f"Grad-CAM++: no target layer known for {type(model).__name__} "
-                            f"({getattr(model, 'arch', '?')}); supported: ConvNeXt/ConvNeXtV2, Swin, "
-                            "ResNet; add the family to common.target_layers_for")
-
-
-def to_channels_first(tensor):
-    """(B, H, W, C) maps or (B, N, C) tokens of a square grid -> (B, C, H, W), as grad-cam expects.
-
-    Token sequences may start with class/register tokens: the N - side**2 leading ones are dropped.
-    """
-    if tensor.ndim == 3:
-        batch, tokens, channels = tensor.shape
-        side = math.isqrt(tokens)
-        tensor = tensor[:, tokens - side * side:].reshape(batch, side, side, channels)
-    if tensor.ndim != 4:
-        raise ValueError(f"expected (B, H, W, C) or (B, N, C) features, got shape {tuple(tensor.shape)}")
-    return tensor.permute(0, 3, 1, 2)
-
-
-def caption(prob: float, threshold: float, label: int | None = None, outcome: str | None = None) -> str:
-    """'fracture p=0.834 (threshold 0.412) | label 1 | TP'; without a label (07) the prediction.
-
-    Three decimals: near the threshold two would print p=0.55 (threshold 0.55) for a miss.
-    """
-    text = f"fracture p={prob:.3f} (threshold {threshold:.3f})"
-    if label is None:
-        return f"{text} | predicted {'fracture' if prob >= threshold else 'no fracture'}"
-    return f"{text} | label {int(label)}" + (f" | {outcome}" if outcome else "")
-
-
-def render_overlay(image_path, cam_square: np.ndarray, box: Letterbox, text: str,
-                   max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
-    """RGB uint8: the map on the original image (letterbox undone), with `text` in a banner on top."""
-    unit = scale_to_unit(read_raw_image(Path(image_path)))
-    return add_caption(overlay_on_original(unit, cam_square, box, max_side), text)
-
-
-def overlay_on_original(unit_image: np.ndarray, cam_square: np.ndarray, box: Letterbox,
-                        max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
-    """Cut the image region out of the padded-square CAM, resize it to the original height x width
-    (shrunk so the longest side is <= max_side), and blend a colour map over the grey image.
-
-    `unit_image` is the original in [0, 1] (scale_to_unit), the same pixels the letterbox
-    was made from; returns RGB uint8 of the original's shape (or its shrunk copy).
-    """
-    import cv2
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-    if unit_image.shape != (box.height, box.width):
-        raise ValueError(f"image {unit_image.shape} does not match its letterbox ({box.height}, {box.width})")
-    region = cam_square[box.region]
-    shrink = min(1.0, max_side / max(box.height, box.width))
-    size = (max(1, round(box.width * shrink)), max(1, round(box.height * shrink)))  # cv2: (w, h)
-    cam = np.clip(cv2.resize(region.astype(np.float32), size, interpolation=cv2.INTER_LINEAR), 0, 1)
-    grey = unit_image if shrink == 1.0 else cv2.resize(unit_image, size, interpolation=cv2.INTER_AREA)
-    rgb = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2).astype(np.float32)
-    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.6)
-
-
-def add_caption(rgb: np.ndarray, text: str) -> np.ndarray:
-    """A black banner above the image with the caption in white; its ' | ' parts wrap onto more
-    lines when one line would be too small to read on a narrow image."""
-    import cv2
-    font, width = cv2.FONT_HERSHEY_SIMPLEX, rgb.shape[1]
-    usable = 0.96 * width
-    lines = [text]
-    if cv2.getTextSize(text, font, 1.0, 1)[0][0] * 0.5 > usable:
-        lines = text.split(" | ")
-    widest = max(cv2.getTextSize(line, font, 1.0, 1)[0][0] for line in lines)
-    line_h = cv2.getTextSize("Ag", font, 1.0, 1)[0][1]
-    scale = min(1.0, usable / widest)
-    thickness = 2 if scale > 0.7 else 1
-    step = int(line_h * scale * 1.8) + 2
-    banner = np.zeros((step * len(lines) + 4, width, 3), dtype=np.uint8)
-    for i, line in enumerate(lines):
-        cv2.putText(banner, line, (max(2, int(0.02 * width)), step * i + int(step * 0.75) + 2), font,
-                    scale, (255, 255, 255), thickness, cv2.LINE_AA)
-    return np.concatenate([banner, rgb], axis=0)
-
-
-def write_png(rgb: np.ndarray, path: Path) -> Path:
-    import cv2
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(encoded.tobytes())
-    return Path(path)
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Models and losses
-# ------------------------------------------------------------------------------------------------
-
-# Tiny members of the full preset's families, for tests and CPU smoke runs, in the spirit of timm's
-# own test_resnet / test_convnext (timm has none for Swin or ConvNeXtV2): a registered timm
-# architecture built with a few blocks of small width. Same code paths (GRN, windowed attention with
-# relative-position bias, shifted windows, NHWC features) at a fraction of the cost; no weights.
-TINY_FAMILY_MEMBERS = {
-    "test_convnextv2": ("convnextv2_atto", {"depths": (1, 1, 1, 1), "dims": (16, 32, 48, 64)}),
-    "test_swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": (1, 1, 2, 1),
-                                                   "num_heads": (1, 2, 2, 4), "window_size": 4}),
-}
-
-
-def check_architecture(arch: str) -> None:
-    import timm
-    if arch in TINY_FAMILY_MEMBERS:
-        return
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=4)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise InputError(f"--arch {arch}: not a timm architecture{hint}")
-
-
-def check_training_args(args: argparse.Namespace) -> None:
-    """Fail before any work (and before the process group starts) on a bad arch, device or weights path."""
-    check_architecture(args.arch)
-    resolve_device(args.device)
-    _check_weights_file(args.pretrained, args.arch)
-    if getattr(args, "init_from", None):
-        trained_as = load_checkpoint(Path(args.init_from)).get("arch")  # readable, weights_only
-        if trained_as and trained_as != args.arch:
-            raise InputError(f"--init-from {args.init_from}: trained as {trained_as}, this run builds "
-                             f"{args.arch}; pass --arch {trained_as}")
-
-
-def _check_weights_file(pretrained: str | None, arch: str) -> None:
-    if pretrained not in (None, "download") and not Path(pretrained).is_file():
-        raise InputError(f"--pretrained {pretrained}: weights file not found; download the {arch} "
-                         "weights (.safetensors or .pth) on an online machine and give the local path")
-
-
-def create_model(arch: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,
-                 image_size: int | None = None, **kwargs):
-    """A timm model with `num_classes` outputs on `in_chans`-channel (grey) input.
-
-    pretrained: None = random init (the demo); a path = weights from that local file (timm adapts
-    the first convolution to one channel and drops a classifier of the wrong size); 'download' =
-    let timm fetch them, for an online machine only.
-    """
-    import timm
-    check_architecture(arch)
-    if image_size and any(family in arch for family in ("swin", "vit", "deit")):
-        # Transformers fix their input size (and position tables). Swin at a size its window does
-        # not divide still works: timm shrinks a window larger than its stage's feature map to
-        # that map and pads the rest (checked down to 40 px for window 7 and 12).
-        kwargs["img_size"] = image_size
-    if arch in TINY_FAMILY_MEMBERS:
-        if pretrained is not None:
-            raise InputError(f"--arch {arch}: a tiny test model has no pretrained weights; drop "
-                             "--pretrained or pick a full-size architecture")
-        base, overrides = TINY_FAMILY_MEMBERS[arch]
-        return timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 **overrides, **kwargs)
-    if pretrained is None:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    if pretrained == "download":
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _can_reach("huggingface.co")
-        try:
-            if offline:
-                raise ConnectionError("no connection to huggingface.co")
-            return timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
-        except Exception as error:  # offline: huggingface_hub/urllib raise many error types
-            raise InputError(f"--pretrained download: could not fetch weights for {arch} "
-                             f"({type(error).__name__}); on a machine with internet run "
-                             f"`python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"`, "
-                             "copy the .safetensors file from the Hugging Face cache, and pass "
-                             "--pretrained PATH") from None
-    _check_weights_file(pretrained, arch)
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)},
-                             num_classes=num_classes, in_chans=in_chans, **kwargs)
-
-
-def _can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    import socket
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _torch_modules():
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-    return torch, nn, F
-
-
-def binary_focal_loss(logits, targets, alpha: float = 0.5, gamma: float = 2.0):
-    """Focal loss (Lin et al. 2017) for one logit per image, averaged: torchvision's implementation.
-
-    alpha weights the positive class and 1 - alpha the negative one (a real per-class weight, not
-    a constant; alpha < 0 switches the weighting off); gamma down-weights easy examples. With
-    gamma = 0 this is alpha-weighted BCE. Computed in float32 whatever the autocast dtype.
-    """
-    from torchvision.ops import sigmoid_focal_loss
-    return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha if alpha >= 0 else -1,
-                              gamma=gamma, reduction="mean")
-
-
-def build_gem(p: float = 3.0, p_max: float = 6.0, eps: float = 1e-6):
-    """Generalised-mean pooling with a learnable exponent p (p=1: average, p->inf: max).
-
-    Small, bright structures (a growth plate, a cortical break) survive GeM better than averaging.
-    The exponent is bounded, p = 1 + (p_max - 1) * sigmoid(raw), starting at `p`: a free p can
-    drift below 1 (no longer between mean and max) or far above, where x**p overflows in bf16.
-    The input is made non-negative by construction, softplus(x), because x**p needs x >= 0 and
-    ConvNeXt/Swin features are signed: clamping them at eps (the seed's way) threw away every
-    negative activation and its gradient, whereas softplus keeps their order and lets them learn.
-    """
-    torch, nn, F = _torch_modules()
-    fraction = (p - 1.0) / (p_max - 1.0)
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"GeM: the initial exponent {p} must lie strictly between 1 and {p_max}")
-
-    class GeM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.raw_p = nn.Parameter(torch.tensor(math.log(fraction / (1.0 - fraction))))
-            self.p_max, self.eps = p_max, eps
-
-        @property
-        def p(self):
-            return 1.0 + (self.p_max - 1.0) * torch.sigmoid(self.raw_p)
-
-        def forward(self, x):
-            exponent = self.p
-            # The clamp only touches softplus outputs below eps (inputs below about -14), where the
-            # root's gradient would otherwise be infinite.
-            positive = F.softplus(x.float()).clamp(min=self.eps)
-            pooled = F.adaptive_avg_pool2d(positive.pow(exponent), 1)
-            return pooled.pow(1.0 / exponent).flatten(1)
-
-    return GeM()
-
-
-def build_boneage_model(arch: str, pretrained: str | None = None, max_months: float = BONEAGE_MAX_MONTHS,
-                        init_months: float | None = None, sex_dim: int = 16, image_size: int | None = None):
-    """Backbone features -> GeM -> concat sex embedding -> MLP head -> sigmoid x max_months.
-
-    The sigmoid keeps every prediction within [0, max_months]. Sex enters as an embedding because
-    bone maturation differs by sex: the same hand means a different bone age in a girl and a boy.
-    init_months sets the head's bias so training starts from the training mean, not 120 months.
-
-    The backbone is timm's features_only model up to its last stage: it owns no classifier and no
-    head norm, so every parameter gets a gradient and DDP needs no find_unused_parameters (the
-    whole ConvNeXt with num_classes=0 kept a head norm that forward_features never used, and 05
-    died at the second step on 2+ ranks). Swin gives NHWC features and needs its image size.
-    """
-    torch, nn, _ = _torch_modules()
-    backbone = create_model(arch, num_classes=0, pretrained=pretrained, image_size=image_size,
-                            features_only=True, out_indices=(-1,))
-    channels = backbone.feature_info.channels()[-1]
-    channels_last_output = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
-
-    class BoneAgeModel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = backbone
-            self.pool = build_gem()
-            self.sex_embedding = nn.Embedding(2, sex_dim)
-            self.head = nn.Sequential(nn.Linear(channels + sex_dim, 256), nn.GELU(),
-                                      nn.Dropout(0.1), nn.Linear(256, 1))
-            self.max_months = max_months
-            if init_months is not None:
-                fraction = min(max(init_months / max_months, 0.01), 0.99)
-                nn.init.constant_(self.head[-1].bias, math.log(fraction / (1 - fraction)))
-
-        def forward(self, images, male):
-            features = self.backbone(images)[-1]
-            if channels_last_output:
-                features = features.permute(0, 3, 1, 2)
-            pooled = self.pool(features)
-            joined = torch.cat([pooled, self.sex_embedding(male.long())], dim=1)
-            return torch.sigmoid(self.head(joined).squeeze(1).float()) * self.max_months
-
-    model = BoneAgeModel()
-    model.arch = arch
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. Distributed
-# ------------------------------------------------------------------------------------------------
-
-def import_torch() -> None:
-    """Import torch, torchvision and timm for this process with the cyclic garbage collector
-    paused, then freeze what they built out of its reach. A stage calls it before it first uses torch.
-
-    The three create millions of long-lived objects, which CPython's collector would traverse
-    again and again while they load and once more at exit. Measured on 2 cores: `import timm` plus
-    exit took 8.2-10.5 s plainly and 5.3-6.1 s this way, in every process a stage or torchrun
-    worker starts. gc.freeze() is CPython's own tool for objects made at start-up that live to the
-    end; nothing in the libraries does this for us.
-    """
-    import gc
-    if "timm" in sys.modules:
-        return  # imported already (a test calling main() in its own process): nothing to freeze
-    gc.disable()
-    try:
-        import timm  # noqa: F401 -- and with it torch and torchvision
-    finally:
-        gc.enable()
-        gc.freeze()
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: "object"  # torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(choice: str, local_rank: int = 0):
-    import torch
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu "
-                             "(or auto), or check CUDA_VISIBLE_DEVICES and the driver")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def setup_distributed(device_choice: str = "auto") -> DistInfo:
-    """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK.
-
-    Plain `python stage.py` sets none of them and gets a one-process DistInfo, no process group.
-    NCCL on GPUs, gloo on CPU. Validate inputs BEFORE calling this so a bad file fails every rank
-    the same way instead of leaving the others waiting in a collective.
-    """
-    import torch
-    import torch.distributed as dist
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_choice, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        # torchrun keeps one store across restarts (--max-restarts): without a fresh key space per
-        # attempt, a restarted rank can read its peers' addresses from the attempt that crashed
-        # and fail to connect (seen with gloo: "connectFullMesh failed ... Connection refused").
-        store, _, _ = next(dist.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt{attempt}", store),
-                                rank=rank, world_size=world_size, **kwargs)
-    if device.type == "cpu":
-        # torchrun's default of 1 thread per worker is right for N workers on N cores; a single
-        # process may use them all.
-        threads = os.environ.get("OMP_NUM_THREADS")
-        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // world_size))
-    return DistInfo(rank, world_size, local_rank, device)
-
-
-def cleanup_distributed() -> None:
-    """barrier + destroy_process_group, then flush: without it gloo aborts at exit now and then.
-
-    Called from a stage's `finally`. When an exception is on its way out of a multi-rank run, the
-    barrier would wait for ranks that are busy in another collective until the timeout (30 min):
-    instead this rank prints its error and leaves at once (`end_launch`), torchrun sees a failed
-    worker and stops the others, and the whole launch ends within seconds.
-    """
-    import torch.distributed as dist
-    error = sys.exc_info()[1]
-    if error is not None and dist.is_available() and dist.is_initialized():
-        end_launch(error)
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
-def end_launch(error: BaseException) -> None:
-    """Print one rank's error (one line for an InputError, the traceback for a bug) and exit now.
-
-    os._exit skips the interpreter's shutdown, which would wait in gloo/NCCL teardown for peers
-    that never come. A clean SystemExit (code 0 or None) is not an error and exits normally.
-    """
-    import traceback
-    if isinstance(error, SystemExit) and not isinstance(error, InputError) and error.code in (0, None):
-        return
-    rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    if isinstance(error, InputError):
-        message = f"{error.code} [rank {rank} of {world_size}]"
-    else:
-        message = (f"[rank {rank} of {world_size}] "
-                   + "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
-    os._exit(1)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from rank `src` to every rank (identity without a process group)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def all_reduce_sum(values: Sequence[float], device) -> list[float]:
-    import torch
-    import torch.distributed as dist
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def gather_rows(local, device):
-    """Concatenate equally-shaped per-rank tensors on every rank (rank order)."""
-    import torch
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    local = local.to(device)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts).cpu()
-
-
-class EpochSampler:
-    """Draws one epoch of dataset indices, the same on every rank, and hands each rank a disjoint share.
-
-    balanced=True: half the epoch from each class (the minority class is cycled through random
-    permutations, so an image repeats only once every other image of its class has been seen);
-    balanced=False: a random permutation of the whole set (cycled when epoch_size exceeds it,
-    so a small set still gets enough steps). The draw is seeded by (seed, epoch),
-    identical on every rank; rank r takes positions r, r+W, r+2W, ..., so no two ranks train on
-    the same draw and every rank has the same number of samples (hence the same batch count; the
-    last few draws that do not divide by W are left out of that epoch).
-    """
-
-    def __init__(self, labels: Sequence[int], *, balanced: bool, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch_size: int | None = None, batch_shares: Sequence[int] | None = None):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.balanced = balanced
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        total = epoch_size or len(self.labels)
-        # batch_shares (from batch_plan): the epoch is a run of global batches of sum(shares) draws,
-        # and rank r takes its contiguous share of each; shares may differ by one between ranks.
-        self.batch_shares = list(batch_shares) if batch_shares is not None else None
-        if self.batch_shares is not None:
-            self.steps = total // sum(self.batch_shares)
-            self.per_rank = self.steps * self.batch_shares[rank]
-        else:
-            self.per_rank = total // world_size
-        self.epoch = 0
-        if balanced and len(np.unique(self.labels)) < 2:
-            raise ValueError("a balanced sampler needs both classes in the training set")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_indices(self) -> np.ndarray:
-        """The whole epoch's draw (all ranks), identical on every rank."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        total = self.intended_samples
-        if not self.balanced:
-            return _cycled_permutation(np.arange(len(self.labels)), total, rng)
-        classes = np.unique(self.labels)
-        shares = [total // len(classes) + (1 if i < total % len(classes) else 0) for i in range(len(classes))]
-        draws = [_cycled_permutation(np.flatnonzero(self.labels == c), n, rng) for c, n in zip(classes, shares)]
-        return rng.permutation(np.concatenate(draws))
-
-    @property
-    def intended_samples(self) -> int:
-        """Draws per epoch over all ranks."""
-        if self.batch_shares is not None:
-            return self.steps * sum(self.batch_shares)
-        return self.per_rank * self.world_size
-
-    def __iter__(self):
-        draw = self.epoch_indices()
-        if self.batch_shares is None:
-            return iter(draw[self.rank::self.world_size].tolist())
-        start = sum(self.batch_shares[:self.rank])
-        batches = draw.reshape(self.steps, sum(self.batch_shares))
-        return iter(batches[:, start:start + self.batch_shares[self.rank]].reshape(-1).tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-def batch_plan(n_draws: int, batch_size: int, world_size: int) -> tuple[list[int], int]:
-    """Each rank's share of one global batch, and the steps per epoch, for `n_draws` per epoch.
-
-    --batch-size is the GLOBAL batch, exact whatever the number of ranks: 32 on 3 ranks is
-    11 + 11 + 10 (fit weights each rank's loss by its share, so the step equals one process's
-    step on those 32 images). A training set smaller than one batch trains in one smaller step.
-    """
-    if world_size > n_draws:
-        raise InputError(f"the training set has {n_draws} draws per epoch, fewer than the {world_size} "
-                         "processes: every rank needs at least one image; launch fewer processes "
-                         "(--nproc-per-node) or train on more images")
-    if batch_size < world_size:
-        raise InputError(f"--batch-size {batch_size} is smaller than the {world_size} processes; "
-                         f"give a global batch of at least {world_size}")
-    global_batch = min(batch_size, n_draws)
-    shares = [global_batch // world_size + (1 if rank < global_batch % world_size else 0)
-              for rank in range(world_size)]
-    return shares, n_draws // global_batch
-
-
-def _cycled_permutation(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    rounds = [rng.permutation(pool) for _ in range(-(-count // len(pool)))]
-    return np.concatenate(rounds)[:count]
-
-
-def shard_for_eval(n_items: int, rank: int, world_size: int) -> np.ndarray:
-    """Positions rank, rank+W, ... padded (by repeating the last) to the same length on every rank.
-
-    Padding keeps all_gather shapes equal; `gather_predictions` drops the padded copies by index.
-    """
-    per_rank = -(-n_items // world_size)
-    positions = np.arange(rank, per_rank * world_size, world_size)
-    return np.minimum(positions, n_items - 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. Training loop shared by 03, 04 and 05
+# 5. Training loop: resumable, early stopping, bf16 on CUDA (03, 04, 05; checkpoints 06, 07)
 # ------------------------------------------------------------------------------------------------
 
 def save_checkpoint(obj: dict, path: Path) -> Path:
@@ -2025,20 +1126,6 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as error:  # truncated zip, pickle with code, wrong format
         raise InputError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error}); "
                          "delete it and retrain") from None
-
-
-def weights_fingerprint(state_dict: dict) -> str:
-    """A short hash of a state_dict's tensors (names, shapes, values): recorded in a fine-tuned
-    model's checkpoint so that it resumes only from the same starting weights."""
-    import hashlib
-
-    import torch
-    digest = hashlib.sha1()
-    for name in sorted(state_dict):
-        tensor = state_dict[name]
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_trained_model(path: Path, device="cpu"):
@@ -2525,77 +1612,269 @@ def _primitives(values: dict) -> dict:
     return json.loads(json.dumps(values, default=_json_default))
 
 
-# Fewer validation positives (or negatives) than this and a model's own threshold is noise: the
-# Youden optimum on 3 fractures jumps with every image.
-MIN_THRESHOLD_CLASS = 5
-
-
-def small_group_threshold(val_labels, fallback: float | None, fallback_name: str) -> tuple[float | None, str]:
-    """(threshold, where it comes from): None = choose on this model's own validation set; a
-    validation set with < MIN_THRESHOLD_CLASS of a class borrows `fallback` (e.g. the pooled
-    model's threshold) and says so; without a fallback its own threshold is marked UNRELIABLE."""
-    positives = int(np.sum(val_labels))
-    negatives = len(val_labels) - positives
-    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
-        return None, "val Youden"
-    counts = f"val has {positives} positive / {negatives} negative images, < {MIN_THRESHOLD_CLASS} of one class"
-    if fallback is None or not np.isfinite(fallback):
-        return None, f"val Youden, UNRELIABLE: {counts} and no model to borrow a threshold from"
-    return float(fallback), f"{fallback_name} ({counts})"
-
-
-def degenerate_warning(val_probs, metrics: dict) -> str:
-    """Say out loud when a binary model answers one class for everything (every validation image
-    on one side of its threshold, or test sensitivity and specificity at opposite extremes)."""
-    problems = []
-    called = np.asarray(val_probs) >= metrics["threshold"]
-    if called.all() or not called.any():
-        problems.append(f"calls every validation image {'positive' if called.all() else 'negative'}")
-    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
-    if {sensitivity, specificity} == {0.0, 1.0}:
-        problems.append(f"test sensitivity {sensitivity:.2f} with specificity {specificity:.2f}")
-    return "degenerate model: " + "; ".join(problems) if problems else ""
-
-
 # ------------------------------------------------------------------------------------------------
-# 8. Metrics and plots
+# 6. Distributed: setup/teardown, DDP-aware sampler, gathering predictions (03, 04, 05)
 # ------------------------------------------------------------------------------------------------
 
-def youden_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
-    """The threshold maximising sensitivity + specificity - 1 on the given (validation) set.
+def import_torch() -> None:
+    """Import torch, torchvision and timm for this process with the cyclic garbage collector
+    paused, then freeze what they built out of its reach. A stage calls it before it first uses torch.
 
-    Chosen on validation and applied unchanged to test, so the test figures stay honest.
+    The three create millions of long-lived objects, which CPython's collector would traverse
+    again and again while they load and once more at exit. Measured on 2 cores: `import timm` plus
+    exit took 8.2-10.5 s plainly and 5.3-6.1 s this way, in every process a stage or torchrun
+    worker starts. gc.freeze() is CPython's own tool for objects made at start-up that live to the
+    end; nothing in the libraries does this for us.
     """
-    from sklearn.metrics import roc_curve
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=float)
-    if len(np.unique(labels)) < 2:
-        return 0.5
-    fpr, tpr, thresholds = roc_curve(labels, probs)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(max(thresholds[best], 0.0), 1.0))
+    import gc
+    if "timm" in sys.modules:
+        return  # imported already (a test calling main() in its own process): nothing to freeze
+    gc.disable()
+    try:
+        import timm  # noqa: F401 -- and with it torch and torchvision
+    finally:
+        gc.enable()
+        gc.freeze()
 
 
-def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float) -> dict:
-    """ROC AUC, PR AUC, accuracy, F1, sensitivity, specificity and the confusion matrix at a threshold."""
-    from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix,
-                                 f1_score, roc_auc_score)
-    labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, dtype=float)
-    predicted = (probs >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
-    both = len(np.unique(labels)) == 2
-    return {
-        "auc": float(roc_auc_score(labels, probs)) if both else float("nan"),
-        "pr_auc": float(average_precision_score(labels, probs)) if both else float("nan"),
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "f1": float(f1_score(labels, predicted, zero_division=0)),
-        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
-        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
-        "threshold": float(threshold),
-        "n": int(len(labels)), "n_positive": int(labels.sum()),
-        "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]],
-    }
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "object"  # torch.device
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(choice: str, local_rank: int = 0):
+    import torch
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu "
+                             "(or auto), or check CUDA_VISIBLE_DEVICES and the driver")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup_distributed(device_choice: str = "auto") -> DistInfo:
+    """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK.
+
+    Plain `python stage.py` sets none of them and gets a one-process DistInfo, no process group.
+    NCCL on GPUs, gloo on CPU. Validate inputs BEFORE calling this so a bad file fails every rank
+    the same way instead of leaving the others waiting in a collective.
+    """
+    import torch
+    import torch.distributed as dist
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        # torchrun keeps one store across restarts (--max-restarts): without a fresh key space per
+        # attempt, a restarted rank can read its peers' addresses from the attempt that crashed
+        # and fail to connect (seen with gloo: "connectFullMesh failed ... Connection refused").
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world_size, **kwargs)
+    if device.type == "cpu":
+        # torchrun's default of 1 thread per worker is right for N workers on N cores; a single
+        # process may use them all.
+        threads = os.environ.get("OMP_NUM_THREADS")
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // world_size))
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    """barrier + destroy_process_group, then flush: without it gloo aborts at exit now and then.
+
+    Called from a stage's `finally`. When an exception is on its way out of a multi-rank run, the
+    barrier would wait for ranks that are busy in another collective until the timeout (30 min):
+    instead this rank prints its error and leaves at once (`end_launch`), torchrun sees a failed
+    worker and stops the others, and the whole launch ends within seconds.
+    """
+    import torch.distributed as dist
+    error = sys.exc_info()[1]
+    if error is not None and dist.is_available() and dist.is_initialized():
+        end_launch(error)
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def end_launch(error: BaseException) -> None:
+    """Print one rank's error (one line for an InputError, the traceback for a bug) and exit now.
+
+    os._exit skips the interpreter's shutdown, which would wait in gloo/NCCL teardown for peers
+    that never come. A clean SystemExit (code 0 or None) is not an error and exits normally.
+    """
+    import traceback
+    if isinstance(error, SystemExit) and not isinstance(error, InputError) and error.code in (0, None):
+        return
+    rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if isinstance(error, InputError):
+        message = f"{error.code} [rank {rank} of {world_size}]"
+    else:
+        message = (f"[rank {rank} of {world_size}] "
+                   + "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from rank `src` to every rank (identity without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_reduce_sum(values: Sequence[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_rows(local, device):
+    """Concatenate equally-shaped per-rank tensors on every rank (rank order)."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    local = local.to(device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).cpu()
+
+
+class EpochSampler:
+    """Draws one epoch of dataset indices, the same on every rank, and hands each rank a disjoint share.
+
+    balanced=True: half the epoch from each class (the minority class is cycled through random
+    permutations, so an image repeats only once every other image of its class has been seen);
+    balanced=False: a random permutation of the whole set (cycled when epoch_size exceeds it,
+    so a small set still gets enough steps). The draw is seeded by (seed, epoch),
+    identical on every rank; rank r takes positions r, r+W, r+2W, ..., so no two ranks train on
+    the same draw and every rank has the same number of samples (hence the same batch count; the
+    last few draws that do not divide by W are left out of that epoch).
+    """
+
+    def __init__(self, labels: Sequence[int], *, balanced: bool, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch_size: int | None = None, batch_shares: Sequence[int] | None = None):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.balanced = balanced
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        total = epoch_size or len(self.labels)
+        # batch_shares (from batch_plan): the epoch is a run of global batches of sum(shares) draws,
+        # and rank r takes its contiguous share of each; shares may differ by one between ranks.
+        self.batch_shares = list(batch_shares) if batch_shares is not None else None
+        if self.batch_shares is not None:
+            self.steps = total // sum(self.batch_shares)
+            self.per_rank = self.steps * self.batch_shares[rank]
+        else:
+            self.per_rank = total // world_size
+        self.epoch = 0
+        if balanced and len(np.unique(self.labels)) < 2:
+            raise ValueError("a balanced sampler needs both classes in the training set")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> np.ndarray:
+        """The whole epoch's draw (all ranks), identical on every rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        total = self.intended_samples
+        if not self.balanced:
+            return _cycled_permutation(np.arange(len(self.labels)), total, rng)
+        classes = np.unique(self.labels)
+        shares = [total // len(classes) + (1 if i < total % len(classes) else 0) for i in range(len(classes))]
+        draws = [_cycled_permutation(np.flatnonzero(self.labels == c), n, rng) for c, n in zip(classes, shares)]
+        return rng.permutation(np.concatenate(draws))
+
+    @property
+    def intended_samples(self) -> int:
+        """Draws per epoch over all ranks."""
+        if self.batch_shares is not None:
+            return self.steps * sum(self.batch_shares)
+        return self.per_rank * self.world_size
+
+    def __iter__(self):
+        draw = self.epoch_indices()
+        if self.batch_shares is None:
+            return iter(draw[self.rank::self.world_size].tolist())
+        start = sum(self.batch_shares[:self.rank])
+        batches = draw.reshape(self.steps, sum(self.batch_shares))
+        return iter(batches[:, start:start + self.batch_shares[self.rank]].reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def batch_plan(n_draws: int, batch_size: int, world_size: int) -> tuple[list[int], int]:
+    """Each rank's share of one global batch, and the steps per epoch, for `n_draws` per epoch.
+
+    --batch-size is the GLOBAL batch, exact whatever the number of ranks: 32 on 3 ranks is
+    11 + 11 + 10 (fit weights each rank's loss by its share, so the step equals one process's
+    step on those 32 images). A training set smaller than one batch trains in one smaller step.
+    """
+    if world_size > n_draws:
+        raise InputError(f"the training set has {n_draws} draws per epoch, fewer than the {world_size} "
+                         "processes: every rank needs at least one image; launch fewer processes "
+                         "(--nproc-per-node) or train on more images")
+    if batch_size < world_size:
+        raise InputError(f"--batch-size {batch_size} is smaller than the {world_size} processes; "
+                         f"give a global batch of at least {world_size}")
+    global_batch = min(batch_size, n_draws)
+    shares = [global_batch // world_size + (1 if rank < global_batch % world_size else 0)
+              for rank in range(world_size)]
+    return shares, n_draws // global_batch
+
+
+def _cycled_permutation(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    rounds = [rng.permutation(pool) for _ in range(-(-count // len(pool)))]
+    return np.concatenate(rounds)[:count]
+
+
+def shard_for_eval(n_items: int, rank: int, world_size: int) -> np.ndarray:
+    """Positions rank, rank+W, ... padded (by repeating the last) to the same length on every rank.
+
+    Padding keeps all_gather shapes equal; `gather_predictions` drops the padded copies by index.
+    """
+    per_rank = -(-n_items // world_size)
+    positions = np.arange(rank, per_rank * world_size, world_size)
+    return np.minimum(positions, n_items - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Metrics and plots: patient-bootstrap CIs, calibration, studies, figures (03, 04, 05, 07)
+# ------------------------------------------------------------------------------------------------
 
 def patient_resample_counts(groups, n_boot: int = 1000, seed: int = 0):
     """Yield [b, n_rows] arrays, b resamples at a time (n_boot in all): how many times each row
@@ -2661,9 +1940,6 @@ def auc_with_ci(labels, probs, patients, n_boot: int = 1000, seed: int = 0) -> t
     result = estimates_with_ci(lambda weights: {"auc": _weighted_auc(weights, labels, probs)}, len(labels),
                                patients, n_boot, seed)
     return result["auc"], [result["auc_lo"], result["auc_hi"]]
-
-
-BINARY_METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -2734,25 +2010,6 @@ def binary_metrics_with_ci(labels, probs, patients, threshold, n_boot: int = 100
     return result
 
 
-def sensitivity_threshold(labels, probs, target: float) -> float:
-    """The HIGHEST threshold whose sensitivity on these (validation) labels reaches `target`:
-    the most specific operating point that still misses at most 1 - target of the fractures."""
-    from sklearn.metrics import roc_curve
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=float)
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    _, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
-    reached = int(np.flatnonzero(tpr >= target - 1e-12)[0])
-    return float(min(thresholds[reached], 1.0))
-
-
-def operating_thresholds(labels, probs) -> dict[str, float]:
-    """The three rules 04 stores and evaluates, all chosen on validation."""
-    return {"youden": youden_threshold(labels, probs),
-            "sens90": sensitivity_threshold(labels, probs, 0.90),
-            "sens95": sensitivity_threshold(labels, probs, 0.95)}
-
-
 def study_table(images: pd.DataFrame, prob_column: str, decision_column: str, **aggregations) -> pd.DataFrame:
     """THE study rule, used by 04's evaluation and by 07: one row per study.
 
@@ -2773,29 +2030,6 @@ def study_table(images: pd.DataFrame, prob_column: str, decision_column: str, **
     studies = frame.groupby(keys, sort=True, as_index=False).agg(**aggregations)
     studies["decision"] = studies["decision"].astype(int)
     return studies
-
-
-def fit_calibration(labels, probs) -> dict:
-    """Platt scaling (logistic regression on the logit) fitted on VALIDATION predictions.
-
-    Why Platt and not temperature: the balanced sampler shifts the model's prior to 50%, an
-    intercept that a temperature (one slope) cannot remove. The map is increasing, so it keeps the
-    ranking (AUC) and, with the threshold kept on the raw scale, every decision. A model that ranks
-    validation backwards (slope <= 0) gets the identity map, said in `method`, instead of a map
-    that would reverse its probabilities.
-    """
-    from sklearn.linear_model import LogisticRegression
-    labels = np.asarray(labels).astype(int)
-    logits = _logit(probs).reshape(-1, 1)
-    if len(np.unique(labels)) < 2:
-        return {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": int(len(labels)),
-                "reason": "validation has one class"}
-    fitted = LogisticRegression(penalty=None, solver="lbfgs", max_iter=1000).fit(logits, labels)
-    slope, intercept = float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
-    if not slope > 0:
-        return {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": int(len(labels)),
-                "reason": f"Platt slope {slope:.3g} <= 0 on validation"}
-    return {"method": "platt", "slope": slope, "intercept": intercept, "n": int(len(labels)), "reason": ""}
 
 
 def apply_calibration(probs, calibration: dict | None) -> np.ndarray:
@@ -2856,36 +2090,6 @@ def _regression_statistics(true, predicted) -> Callable[[np.ndarray], dict]:
                 "bias": _ratio(weights @ error, total)}
 
     return statistics
-
-
-def classification_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Accuracy and macro-F1 of a multi-class prediction with patient-bootstrap 95% intervals
-    (macro-F1 over every class seen in `true` or `predicted`, 0 for a class with no true and no
-    predicted image in a resample: sklearn's f1_score(labels=..., zero_division=0), tested)."""
-    n_rows = len(np.asarray(true))
-    return {"n": n_rows, **estimates_with_ci(_classification_statistics(true, predicted), n_rows, groups, n_boot, seed)}
-
-
-def _classification_statistics(true, predicted) -> Callable[[np.ndarray], dict]:
-    """weights [b, n_rows] -> accuracy and macro-F1 of each weighted resample."""
-    true, predicted = np.asarray(true), np.asarray(predicted)
-    classes = np.unique(np.concatenate([true, predicted]))
-
-    def statistics(weights):
-        per_class = []
-        for value in classes:
-            is_true, is_predicted = true == value, predicted == value
-            tp = weights @ (is_true & is_predicted)
-            wrong = weights @ (is_true ^ is_predicted)  # false positives + false negatives
-            per_class.append(np.nan_to_num(_ratio(2 * tp, 2 * tp + wrong), nan=0.0))
-        return {"accuracy": _ratio(weights @ (true == predicted), weights.sum(axis=1)),
-                "macro_f1": np.mean(per_class, axis=0)}
-
-    return statistics
-
-
-def mean_absolute_error(true, predicted) -> float:
-    return float(np.mean(np.abs(np.asarray(true, dtype=float) - np.asarray(predicted, dtype=float))))
 
 
 def _figure():
@@ -2992,33 +2196,8 @@ def plot_confusion(matrix, class_names: Sequence[str], path: Path, title: str) -
     return save_figure(fig, path)
 
 
-def plot_scatter(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(4.4, 4.4))
-    ax.scatter(true, predicted, s=8, alpha=0.6)
-    low, high = float(np.min(true)), float(np.max(true))
-    ax.plot([low, high], [low, high], "--", color="grey", lw=1)
-    ax.set(xlabel=f"true ({unit})", ylabel=f"predicted ({unit})",
-           title=f"{title}\nMAE {mean_absolute_error(true, predicted):.1f} {unit}")
-    return save_figure(fig, path)
-
-
-def plot_bland_altman(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
-    plt = _figure()
-    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
-    mean, diff = (true + predicted) / 2, predicted - true
-    bias, spread = diff.mean(), 1.96 * diff.std(ddof=1) if len(diff) > 1 else 0.0
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    ax.scatter(mean, diff, s=8, alpha=0.6)
-    for value, style in ((bias, "-"), (bias + spread, "--"), (bias - spread, "--")):
-        ax.axhline(value, color="grey", ls=style, lw=1)
-    ax.set(xlabel=f"mean of true and predicted ({unit})", ylabel=f"predicted - true ({unit})",
-           title=f"{title}\nbias {bias:+.1f}, limits of agreement +-{spread:.1f} {unit}")
-    return save_figure(fig, path)
-
-
 # ------------------------------------------------------------------------------------------------
-# 9. Experiment tracking (MLflow, optional: --mlflow on 03, 04 and 05)
+# 8. Experiment tracking: MLflow, optional with --mlflow (03, 04, 05)
 # ------------------------------------------------------------------------------------------------
 
 def start_mlflow(args: argparse.Namespace, experiment: str, run_name: str | None = None):
@@ -3068,358 +2247,418 @@ def log_mlflow_run(mlflow, *, history_csv: Path | None = None, metrics: dict | N
 
 
 # ------------------------------------------------------------------------------------------------
-# 10. External validation: a run's models on a hospital's labelled images (07_predict)
+# 9. A run's fracture models and Grad-CAM++ overlays (06, 07)
 # ------------------------------------------------------------------------------------------------
 
-EVALUATION_SUBGROUPS = ["projection", "age_group_name", "age_group_source", "sex", "laterality"]
-IMAGE_PROBLEMS = ("file not found", "unreadable image")  # 07's skips that no task can use
+MAX_OVERLAY_SIDE = 1024  # full-size radiographs would make 10 MB PNGs
 
 
-def evaluate_predictions(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, *, n_boot: int,
-                         hide: Callable[[str], str] = str) -> dict:
-    """07's external validation: its labelled images, with the skips that concern each label, go
-    to evaluate_external; the headline figures are logged (paths through `hide`, see hide_uids)."""
-    labelled = study_keys(images[images["label"].notna() | images["boneage"].notna()]).assign(
-        label=lambda frame: pd.to_numeric(frame["label"]), boneage=lambda frame: pd.to_numeric(frame["boneage"]))
-    names = age_group_names(edges) if edges is not None else []
-    labelled["age_group_name"] = [None if pd.isna(group) else names[int(group)] for group in labelled["age_group"]]
-    # A labelled image with no prediction for what its label scores is a skip of the evaluation.
-    fracture_skips = skipped["input_path"].isin(labelled.loc[labelled["label"].notna(), "input_path"]) \
-        & ~skipped["reason"].str.startswith("bone age:")
-    bone_skips = skipped["input_path"].isin(labelled.loc[labelled["boneage"].notna(), "input_path"]) \
-        & (skipped["reason"].str.startswith("bone age:") | skipped["reason"].isin(IMAGE_PROBLEMS))
-    result = evaluate_external(labelled, skipped[fracture_skips | bone_skips], out_dir, n_boot=n_boot, seed=0)
-    if "image" in result:
-        image = result["image"]
-        log(f"07 external validation: image AUC {image['auc']:.3f} [{image['auc_lo']:.3f}, "
-            f"{image['auc_hi']:.3f}], study AUC {result['study']['auc']:.3f} on {result['n_images']} "
-            f"images of {result['n_patients']} patients -> {hide(out_dir / 'EVALUATION.md')}")
-    if "boneage" in result:
-        log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
-            f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
-    return result
+def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], Path]:
+    """{(projection, age group): best.pt} of every model 04 trained, AP before Lat, groups in
+    order; a group 04 skipped has no best.pt. (06 and 07 use this.)"""
+    found = {}
+    for projection in PROJECTIONS:
+        groups = sorted(int(folder.name.removeprefix("group"))
+                        for folder in (Path(fracture_dir) / projection).glob("group*")
+                        if folder.name.removeprefix("group").isdigit())
+        for group in groups:
+            path = Path(fracture_dir) / projection / f"group{group}" / "best.pt"
+            if path.is_file():
+                found[(projection, group)] = path
+    return found
 
 
-def study_keys(images: pd.DataFrame) -> pd.DataFrame:
-    """patient_id and laterality as '' where unknown: a study key must not be dropped as NaN."""
-    return images.assign(patient_id=images["patient_id"].fillna("").astype(str),
-                         laterality=images["laterality"].fillna(""))
+def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM++ maps of the fracture logit, [B, S, S] in [0, 1], and the fracture probabilities.
 
-
-def evaluate_external(images: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, *, n_boot: int = 1000,
-                      seed: int = 0) -> dict:
-    """Score predictions against a hospital's labels with the shared metric functions (as 04).
-
-    `images`: one row per labelled input image: label (fracture 0/1) and/or boneage (months),
-    patient_id, study_id, laterality, fracture_prob, fracture_pred (at the model's stored
-    threshold), threshold, model, bone_age_months, and the subgroup columns. Images without a
-    prediction are in `skipped` and counted in the report (leaving them out silently would flatter
-    every figure). The thresholds are the ones 04 chose on ITS validation set: nothing here is
-    tuned on the hospital's data. Intervals resample patients. Writes evaluation.json,
-    EVALUATION.md and, for fractures, subgroups.csv, roc.png, pr.png, reliability.png.
+    `squares` are uint8 [B, S, S] from preprocess_image. The model has ONE logit; the
+    target is BinaryClassifierOutputTarget(1), i.e. the logit itself (evidence FOR a fracture),
+    for every image whatever its prediction: a false negative then shows what little fracture
+    evidence the model found, a false positive what misled it. (ClassifierOutputTarget(0) picks the
+    same logit; ClassifierOutputTarget(1) would index past the single output, and the default
+    argmax target is meaningless for one logit.) fp32 without autocast: Grad-CAM++ weights use
+    gradients cubed, which underflow in bf16.
     """
-    fractures = images[images["label"].notna() & images["fracture_prob"].notna()] if "label" in images else images[:0]
-    hands = (images[images["boneage"].notna() & images["bone_age_months"].notna()]
-             if {"boneage", "bone_age_months"} <= set(images) else images[:0])
-    if fractures.empty and hands.empty:
-        raise InputError(f"{out_dir}: no labelled image got a prediction ({len(skipped)} skipped, see "
-                         "skipped.csv); nothing to evaluate")
-    result = {"n_skipped": int(len(skipped)),
-              "skipped_reasons": {str(k): int(v) for k, v in skipped["reason"].value_counts().items()}}
-    subgroups = pd.DataFrame()
-    if not fractures.empty:
-        result.update(_fracture_evaluation(fractures, n_boot, seed, out_dir))
-        subgroups = _subgroup_table(fractures, n_boot, seed)
-        write_csv(subgroups, out_dir / "subgroups.csv")
-    if not hands.empty:
-        result["boneage"] = _bone_age_error(hands, n_boot, seed)
-        result.setdefault("n_images", int(len(hands)))
-        result.setdefault("n_patients", int(hands["patient_id"].nunique()))
-    write_json(result, out_dir / "evaluation.json")
-    with atomic_path(out_dir / "EVALUATION.md") as tmp:
-        tmp.write_text(_evaluation_markdown(result, subgroups))
-    return result
+    import torch
+    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+    model = model.float().eval()
+    images = prepare_images(torch.from_numpy(np.ascontiguousarray(squares)).unsqueeze(1),
+                                   device, train=False, channels_last=False)
+    cam = GradCAMPlusPlus(model, target_layers_for(model), reshape_transform=reshape_transform_for(model))
+    try:
+        # Not `with cam:` -- its __exit__ swallows IndexError and would hide a wrong target layer.
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                layer_norm_statistics_as_constants(model):
+            maps = cam(images, targets=[BinaryClassifierOutputTarget(1)] * len(images))
+        logits = cam.outputs.detach().float().reshape(len(images), -1)[:, 0]
+    finally:
+        cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+    return maps.astype(np.float32), torch.sigmoid(logits).cpu().numpy()
 
 
-def _fracture_evaluation(images: pd.DataFrame, n_boot: int, seed: int, out_dir: Path) -> dict:
-    """Image and study metrics, calibration and the figures of the fracture predictions."""
-    labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
-    patients = images["patient_id"].astype(str).to_numpy()
-    studies = study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int),
-                                        fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
-    studies = studies.astype({"label": int, "prob": float, "decision": int})
-    plot_roc(labels, probs, out_dir / "roc.png", "external validation, images")
-    plot_pr(labels, probs, out_dir / "pr.png", "external validation, images")
-    plot_reliability({"images": (labels, probs), "studies": (studies["label"].to_numpy(),
-                                                             studies["prob"].to_numpy())},
-                     out_dir / "reliability.png", "calibration (external)")
-    return {
-        "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
-        "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
-                                              studies["patient_id"].astype(str), n_boot, seed),
-        "n_images": int(len(images)), "n_patients": int(len(set(patients))), "n_studies": int(len(studies)),
-        "thresholds": {str(m): float(t) for m, t in images.groupby("model")["threshold"].first().items()},
-        "calibration": {"image": calibration_metrics(labels, probs),
-                        "study": calibration_metrics(studies["label"], studies["prob"])},
-    }
+@contextlib.contextmanager
+def layer_norm_statistics_as_constants(model):
+    """Within the block, every LayerNorm passes gradients as if its mean and variance were constants.
 
-
-def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int, seed: int) -> dict:
-    """binary_metrics_with_ci where each image was decided at ITS model's threshold.
-
-    AP and Lat (and each age group) have their own threshold, so one cut on the pooled
-    probabilities would not be the deployed decision: AUC ranks the probabilities, every
-    threshold metric counts the stored 0/1 decisions.
+    The forward values are unchanged. Why: the LayerNorm between the last stage and the logit
+    (ConvNeXt's head norm after pooling, Swin's final norm) makes the logit invariant to the scale
+    of its input, so the true gradient is orthogonal to the features themselves: for ConvNeXt,
+    gradient x activation then sums to exactly zero over the image, and which part of the map
+    comes out positive is arbitrary (in our tests, the opposite corner to the evidence about half
+    the time). With the statistics held constant the head is linear in the features, each
+    position's share of the logit is exact, and the map follows the evidence; this is the "LN
+    rule" of Ali et al., ICML 2022. LayerNorms before the target layer do not affect its gradient.
     """
-    result = binary_metrics_with_ci(labels, probs, patients, float("nan"), n_boot=n_boot, seed=seed,
-                                    decisions=np.asarray(decisions, dtype=int))
-    result["threshold"] = "stored per model"
-    return result
+    import torch
+    from timm.layers import LayerNorm2d
+
+    def hook(module, inputs, output):
+        features = inputs[0]
+        # timm's LayerNorm2d normalises channels (dim 1) of NCHW maps; nn.LayerNorm the last dims.
+        dims = (1,) if isinstance(module, LayerNorm2d) else tuple(range(-len(module.normalized_shape), 0))
+        scale = torch.rsqrt(features.var(dim=dims, keepdim=True, unbiased=False) + module.eps).detach()
+        if module.weight is not None:
+            weight = module.weight.detach()
+            scale = scale * (weight.view(-1, 1, 1) if isinstance(module, LayerNorm2d) else weight)
+        # Value: the LayerNorm's own output. Gradient: weight / std, the statistics held fixed.
+        return output.detach() + (features - features.detach()) * scale
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def _bone_age_error(known: pd.DataFrame, n_boot: int, seed: int) -> dict:
-    errors = regression_metrics_with_ci(known["boneage"].astype(float), known["bone_age_months"].astype(float),
-                                        known["patient_id"].astype(str), n_boot, seed)
-    return {key: errors[key] for key in ("n", "mae", "mae_lo", "mae_hi")}
+def target_layers_for(model) -> list:
+    """The last feature stage before pooling, per architecture family (timm models).
+
+    ConvNeXt and ConvNeXtV2 (one timm class): `stages[-1]`, channels-first (B, C, H, W).
+    Swin (v1 and v2): `layers[-1]`, whose output is channels-LAST (B, H, W, C): it needs
+    `reshape_transform_for(model)`, or the CAM would weigh rows of the map as if they were channels.
+    ResNet family (the demo's resnet10t): `layer4[-1]`, the last residual block.
+    """
+    family = _family(model)
+    if family == "convnext":
+        return [model.stages[-1]]
+    if family == "swin":
+        return [model.layers[-1]]
+    return [model.layer4[-1]]
 
 
-def _subgroup_table(images: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
-    rows = []
-    for column in [c for c in EVALUATION_SUBGROUPS if c in images and images[c].notna().any()]:
-        for value, part in images.groupby(images[column].fillna("unknown").astype(str), sort=True):
-            metrics = metrics_at_stored_thresholds(part["label"].astype(int), part["fracture_prob"].astype(float),
-                                                   part["fracture_pred"], part["patient_id"].astype(str),
-                                                   n_boot, seed)
-            rows.append({"subgroup": column, "value": value, **{k: metrics[k] for k in (
-                "n", "n_pos", "auc", "auc_lo", "auc_hi", "sensitivity", "sensitivity_lo", "sensitivity_hi",
-                "specificity", "specificity_lo", "specificity_hi")}})
-    return pd.DataFrame(rows)
+def reshape_transform_for(model):
+    """None for channels-first families; `to_channels_first` for Swin's channels-last stages."""
+    return to_channels_first if _family(model) == "swin" else None
 
 
-def _with_ci(metrics: dict, name: str) -> str:
-    value = metrics.get(name)
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    return f"{value:.3f} [{metrics[f'{name}_lo']:.3f}, {metrics[f'{name}_hi']:.3f}]"
+def _family(model) -> str:
+    from timm.models.convnext import ConvNeXt
+    from timm.models.resnet import ResNet
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    if isinstance(model, ConvNeXt):
+        return "convnext"
+    if isinstance(model, (SwinTransformer, SwinTransformerV2)):
+        return "swin"
+    if isinstance(model, ResNet):
+        return "resnet"
+    raise InputError(f"Grad-CAM++: no target layer known for {type(model).__name__} "
+                            f"({getattr(model, 'arch', '?')}); supported: ConvNeXt/ConvNeXtV2, Swin, "
+                            "ResNet; add the family to common.target_layers_for")
 
 
-def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
-    names = ["auc", "sensitivity", "specificity", "ppv", "npv"]
-    lines = ["# External validation", "",
-             f"{result['n_images']} images of {result['n_patients']} patients were scored; "
-             f"{result['n_skipped']} labelled images got no prediction "
-             f"({', '.join(f'{n} {r}' for r, n in result['skipped_reasons'].items()) or 'none'}).", ""]
-    if "boneage" in result:
-        lines += [f"Bone age: MAE {_with_ci(result['boneage'], 'mae')} months on {result['boneage']['n']} images.", ""]
-    if "image" not in result:
-        return "\n".join(lines)
-    lines += [f"Fractures: {result['n_images']} images in {result['n_studies']} studies.",
-             "Each image is decided at the threshold its model's training run chose on its own validation "
-             "set (nothing is tuned on these images). A study is scored by its most suspicious image and is "
-             "positive when any image is. Brackets: 95% intervals from resampling patients.", "",
-             "| level | n (positive) | " + " | ".join(n.upper() if len(n) == 3 else n for n in names) + " |",
-             "|---|---|" + "---|" * len(names)]
-    for level in ("image", "study"):
-        metrics = result[level]
-        lines.append(f"| {level} | {metrics['n']} ({metrics['n_pos']}) | "
-                     + " | ".join(_with_ci(metrics, n) for n in names) + " |")
-    calibration = result["calibration"]
-    lines += ["", f"Calibration: Brier {calibration['image']['brier']:.3f} (images), "
-                  f"{calibration['study']['brier']:.3f} (studies); ECE {calibration['image']['ece']:.3f} (images).",
-              ""]
-    if not subgroups.empty:
-        lines += ["## Subgroups (images)", "", "| subgroup | value | n (positive) | AUC | sensitivity | specificity |",
-                  "|---|---|---|---|---|---|"]
-        for row in subgroups.to_dict("records"):
-            lines.append(f"| {row['subgroup']} | {row['value']} | {row['n']} ({row['n_pos']}) | "
-                         f"{_with_ci(row, 'auc')} | {_with_ci(row, 'sensitivity')} | {_with_ci(row, 'specificity')} |")
-        lines.append("")
-    lines += ["![ROC](roc.png) ![PR](pr.png) ![reliability](reliability.png)", ""]
-    return "\n".join(lines)
+def to_channels_first(tensor):
+    """(B, H, W, C) maps or (B, N, C) tokens of a square grid -> (B, C, H, W), as grad-cam expects.
+
+    Token sequences may start with class/register tokens: the N - side**2 leading ones are dropped.
+    """
+    if tensor.ndim == 3:
+        batch, tokens, channels = tensor.shape
+        side = math.isqrt(tokens)
+        tensor = tensor[:, tokens - side * side:].reshape(batch, side, side, channels)
+    if tensor.ndim != 4:
+        raise ValueError(f"expected (B, H, W, C) or (B, N, C) features, got shape {tuple(tensor.shape)}")
+    return tensor.permute(0, 3, 1, 2)
+
+
+def caption(prob: float, threshold: float, label: int | None = None, outcome: str | None = None) -> str:
+    """'fracture p=0.834 (threshold 0.412) | label 1 | TP'; without a label (07) the prediction.
+
+    Three decimals: near the threshold two would print p=0.55 (threshold 0.55) for a miss.
+    """
+    text = f"fracture p={prob:.3f} (threshold {threshold:.3f})"
+    if label is None:
+        return f"{text} | predicted {'fracture' if prob >= threshold else 'no fracture'}"
+    return f"{text} | label {int(label)}" + (f" | {outcome}" if outcome else "")
+
+
+def render_overlay(image_path, cam_square: np.ndarray, box: Letterbox, text: str,
+                   max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
+    """RGB uint8: the map on the original image (letterbox undone), with `text` in a banner on top."""
+    unit = scale_to_unit(read_raw_image(Path(image_path)))
+    return add_caption(overlay_on_original(unit, cam_square, box, max_side), text)
+
+
+def overlay_on_original(unit_image: np.ndarray, cam_square: np.ndarray, box: Letterbox,
+                        max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
+    """Cut the image region out of the padded-square CAM, resize it to the original height x width
+    (shrunk so the longest side is <= max_side), and blend a colour map over the grey image.
+
+    `unit_image` is the original in [0, 1] (scale_to_unit), the same pixels the letterbox
+    was made from; returns RGB uint8 of the original's shape (or its shrunk copy).
+    """
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    if unit_image.shape != (box.height, box.width):
+        raise ValueError(f"image {unit_image.shape} does not match its letterbox ({box.height}, {box.width})")
+    region = cam_square[box.region]
+    shrink = min(1.0, max_side / max(box.height, box.width))
+    size = (max(1, round(box.width * shrink)), max(1, round(box.height * shrink)))  # cv2: (w, h)
+    cam = np.clip(cv2.resize(region.astype(np.float32), size, interpolation=cv2.INTER_LINEAR), 0, 1)
+    grey = unit_image if shrink == 1.0 else cv2.resize(unit_image, size, interpolation=cv2.INTER_AREA)
+    rgb = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.6)
+
+
+def add_caption(rgb: np.ndarray, text: str) -> np.ndarray:
+    """A black banner above the image with the caption in white; its ' | ' parts wrap onto more
+    lines when one line would be too small to read on a narrow image."""
+    import cv2
+    font, width = cv2.FONT_HERSHEY_SIMPLEX, rgb.shape[1]
+    usable = 0.96 * width
+    lines = [text]
+    if cv2.getTextSize(text, font, 1.0, 1)[0][0] * 0.5 > usable:
+        lines = text.split(" | ")
+    widest = max(cv2.getTextSize(line, font, 1.0, 1)[0][0] for line in lines)
+    line_h = cv2.getTextSize("Ag", font, 1.0, 1)[0][1]
+    scale = min(1.0, usable / widest)
+    thickness = 2 if scale > 0.7 else 1
+    step = int(line_h * scale * 1.8) + 2
+    banner = np.zeros((step * len(lines) + 4, width, 3), dtype=np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(banner, line, (max(2, int(0.02 * width)), step * i + int(step * 0.75) + 2), font,
+                    scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return np.concatenate([banner, rgb], axis=0)
+
+
+def write_png(rgb: np.ndarray, path: Path) -> Path:
+    import cv2
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
+    return Path(path)
+
 
 # ------------------------------------------------------------------------------------------------
-# 11. Fracture test evaluation (04): summary, operating points, studies, calibration, subgroups,
-#     ablation. The decision evaluated is the one 07 deploys (stored thresholds, study_table).
+# 10. Command line, errors and file helpers (every stage, run_all)
 # ------------------------------------------------------------------------------------------------
 
-FRACTURE_EVALUATION_FILES = ("summary.csv", "operating_points.csv", "calibration.json", "subgroups.csv",
-                    "reliability.png", "test_predictions.csv", "test_studies.csv")
-OPERATING_RULES = ("youden", "sens90", "sens95")
-FRACTURE_SUBGROUPS = {"projection": "projection_name", "age_group": "age_group", "sex": "gender", "cast": "cast",
-             "initial_exam": "initial_exam", "laterality": "laterality"}
+class InputError(SystemExit):
+    """A problem with the user's input. Raised as SystemExit so the user sees one line, no traceback.
+
+    The message names the file, the problem and the fix. Tests catch it like any exception.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
 
 
-def write_fracture_summary(out_dir, frames, test_probs, rows, args) -> None:
-    """Per-model rows, the true- and predicted-group cascades and the study row (summary.csv);
-    operating points, calibration and subgroups of the decision 07 deploys."""
-    test = frames["test"].assign(study_id=frames["test"].get("study_id", frames["test"]["study_number"]))
-    table = test[["filestem", "patient_id", "study_id", "laterality", "projection_name", "age",
-                  "age_group", "age_group_pred", "label", *FRACTURE_SUBGROUPS.values()]].copy()
-    table = table.loc[:, ~table.columns.duplicated()]
-    models = {key: load_checkpoint(out_dir / key[0] / f"group{key[1]}" / "best.pt") for key in test_probs}
-    for route, column in (("true", "age_group"), ("pred", "age_group_pred")):
-        keys = list(zip(table["projection_name"], table[column].fillna(-1).astype(int)))
-        raw = np.array([test_probs[k].get(f, np.nan) if k in test_probs else np.nan
-                        for f, k in zip(table["filestem"], keys)], dtype=float)
-        table[f"prob_route_{route}"] = raw
-        table[f"calibrated_prob_route_{route}"] = [
-            apply_calibration([p], models[k].get("calibration"))[0] if k in models else np.nan
-            for p, k in zip(raw, keys)]
-        for rule in OPERATING_RULES:  # each image is decided at its own model's threshold, as 07 does
-            table[f"threshold_{rule}_route_{route}"] = [
-                models[k].get("thresholds", {}).get(rule, np.nan) if k in models else np.nan for k in keys]
-    write_csv(table, out_dir / "test_predictions.csv")
-    prevalence = float(pd.concat([frames["train"]["label"], frames["val"]["label"]]).mean())
-    points = []
-    for row in rows:
-        if row.get("kind") == "model" and row.get("status") == "trained":  # not the pooled model
-            key = (row["projection"], int(row["age_group"]))
-            own = table[(table["projection_name"] == key[0])
-                        & (table["age_group" if args.route == "true" else "age_group_pred"] == key[1])]
-            points += _operating_points(f"{key[0]}_group{key[1]}", own, args.route, f"prob_route_{args.route}",
-                                        prevalence, args)
-    for route in ("true", "pred"):
-        scored = table.dropna(subset=[f"prob_route_{route}"])
-        if scored.empty:
-            log(f"no cascade_{route}: no test image has a {route}-group model (03 not run?)")
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every stage and run_all.py share, with the same names and defaults."""
+    parser.add_argument("--data", type=Path, default=None,
+                        help="GRAZPEDWRI-DX-layout folder holding dataset.csv and the images "
+                             f"(default: the demo, {DEMO_WRIST_ROOT.relative_to(ROOT)})")
+    parser.add_argument("--boneage-data", type=Path, default=None,
+                        help="RSNA bone-age folder or CSV (default: the demo, "
+                             f"{DEMO_BONEAGE_ROOT.relative_to(ROOT)})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder shared by all stages (default: outputs/)")
+    parser.add_argument("--preset", choices=["demo", "full"], default=None,
+                        help="demo: tiny models and images for a CPU; full: the original "
+                             "architectures and sizes (default: demo on the demo data, else full)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to train (default: auto = CUDA if visible)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    return parser
+
+
+def resolve_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the data and preset defaults: the demo preset goes with the demo data.
+
+    The wrist and bone-age tasks are independent datasets, so they are independent tracks:
+    neither --data nor --boneage-data gives the demo of both; either one alone runs that track
+    only, and the other stays None (its stages are skipped, never pointed at the demo).
+    """
+    on_demo = args.data is None and args.boneage_data is None
+    if on_demo:
+        args.data, args.boneage_data = DEMO_WRIST_ROOT, DEMO_BONEAGE_ROOT
+    args.data = Path(args.data) if args.data is not None else None
+    args.boneage_data = Path(args.boneage_data) if args.boneage_data is not None else None
+    args.out = Path(args.out)
+    if args.preset is None:
+        args.preset = "demo" if on_demo else "full"
+    return args
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help is the stage's docstring, plus the common flags."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_common_args(parser)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of the training stages (03, 04, 05); None means 'take the preset's value'."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--arch", help="timm architecture (default: per preset)")
+    group.add_argument("--pretrained", help="local weights file for --arch (.safetensors/.pth), or "
+                                            "'download' on an online machine (default: random init)")
+    group.add_argument("--epochs", type=int, help="maximum epochs (default: per preset)")
+    group.add_argument("--batch-size", type=int, help="GLOBAL batch size, split across ranks (default: per preset)")
+    group.add_argument("--lr", type=float, help="peak learning rate (default: per preset)")
+    group.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
+    group.add_argument("--image-size", type=int, help="input size in pixels (default: per preset)")
+    group.add_argument("--workers", type=int, help="loader processes per rank (default: 0 on CPU, "
+                                                   "where the cache makes loading nearly free; 4 on GPU)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow to start)")
+    group.add_argument("--force", action="store_true",
+                       help="train from scratch even if a last.pt of the same code, data and settings "
+                            "exists (a torchrun restart of the same launch still resumes)")
+    group.add_argument("--mlflow", action="store_true", help="log params, per-epoch and final metrics, "
+                                                              "plots and the model to MLflow")
+    group.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite under OUT/mlruns/)")
+    group.add_argument("--init-from", metavar="PATH", help="start from the best.pt/last.pt of an earlier run "
+                                                           "of this stage (fine-tuning; a head of another "
+                                                           "size starts fresh) (default: none)")
+    return parser
+
+
+def apply_training_preset(args: argparse.Namespace, presets: dict, image_size: int) -> argparse.Namespace:
+    """Fill every training flag the user left out from the stage's preset table."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.image_size = args.image_size or image_size
+    if args.workers is None:
+        import_torch()  # the stage's first use of torch
+        import torch
+        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.workers = min(4, os.cpu_count() or 1) if on_gpu else 0
+    return args
+
+
+def log(*parts, **kwargs) -> None:
+    """Print on rank 0 only, flushed, so torchrun logs stay readable."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*parts, **kwargs, flush=True)
+
+
+def progress(iterable: Iterable, **kwargs):
+    """A tqdm bar on rank 0; silent elsewhere."""
+    from tqdm import tqdm
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    return tqdm(iterable, disable=quiet, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                dynamic_ncols=True, **kwargs)
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` (and parents) and prove it is writable, or fail with one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"{path}: cannot write there ({error.strerror}); pass --out with a "
+                         "folder you can write to") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary name beside `path`; on success it replaces `path` in one step.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old one intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_json(obj, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def config_dict(args: argparse.Namespace) -> dict:
+    """The resolved CLI as JSON primitives (a Path in a checkpoint breaks weights_only loading)."""
+    return json.loads(json.dumps(vars(args), default=_json_default))
+
+
+def library_versions() -> dict:
+    """Installed versions of the libraries that shape a result (read from package metadata, so
+    nothing has to be imported first)."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "pydicom",
+                 "opencv-python-headless", "grad-cam"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
             continue
-        rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args,
-                                 f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""))
-        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}", prevalence, args)
-    studies, note = _complete_studies(table, args, args.route)
-    if not studies.empty:
-        rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
-    if "calibrated_prob_route_pred" in table and table["prob_route_pred"].notna().any():
-        points += _study_points(table, prevalence, args)
-        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args)
-    summary = pd.DataFrame(rows)
-    integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
-    summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
-    write_csv(summary, out_dir / "summary.csv")
-    write_csv(pd.DataFrame(points), out_dir / "operating_points.csv")
-    shown = summary[[c for c in ("kind", "projection", "age_group", "status", "n_test", "test_auc",
-                                 "test_auc_ci_low", "test_auc_ci_high", "reason") if c in summary]]
-    log("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return versions
 
 
-def _summary_row(kind, scored, prob_column, args, reason="") -> dict:
-    auc, ci = auc_with_ci(scored["label"], scored[prob_column], scored["patient_id"], args.bootstrap, args.seed)
-    return {"kind": kind, "status": "evaluated", "n_test": len(scored), "pos_test": int(scored["label"].sum()),
-            "test_auc": auc, "test_auc_ci_low": ci[0], "test_auc_ci_high": ci[1], "reason": reason}
+def write_run_config(folder: Path, args: argparse.Namespace, *, hide: Callable[[str], str] | None = None,
+                     **extra) -> Path:
+    """Record how a stage was run beside its outputs: command line, resolved flags, versions.
 
-
-def _operating_points(scope, scored, route, prob_column, prevalence, args) -> list[dict]:
-    """One row per rule; each image is decided at its own model's raw threshold, as 07 does."""
-    points = []
-    for rule in OPERATING_RULES:
-        thresholds = scored[f"threshold_{rule}_route_{route}"].to_numpy(float)
-        single = thresholds[0] if len(set(thresholds)) == 1 else float("nan")  # a cascade has several
-        points.append({"scope": scope, "rule": rule, **binary_metrics_with_ci(
-            scored["label"], scored[prob_column], scored["patient_id"], single, args.bootstrap, args.seed,
-            prevalence, decisions=scored[f"prob_route_{route}"].to_numpy() >= thresholds)})
-    return points
-
-
-def _complete_studies(table, args, route, rule="youden") -> tuple[pd.DataFrame, str]:
-    """Studies (07's rule) whose images are all in the test set and all scored; the note counts the rest."""
-    raw = table[f"prob_route_{route}"]
-    images = table.assign(decision=(raw >= table[f"threshold_{rule}_route_{route}"]).astype(int),
-                          scored=raw.notna().astype(int), prob=table[f"calibrated_prob_route_{route}"].fillna(-1.0))
-    studies = study_table(images, "prob", "decision", all_scored=("scored", "min"))
-    path = split_path(args.out, "wrist", "quarantine")  # the test patients' other images
-    quarantine = read_split(args.out, "wrist", "quarantine") if path.is_file() else table.iloc[:0]
-    quarantine = quarantine.assign(study_id=quarantine.get("study_id", quarantine.get("study_number")), p=0)
-    keys = ["patient_id", "study_id", "laterality"]
-    outside = studies[keys].merge(study_table(quarantine, "p", "p")[keys], how="left",
-                                  indicator=True)["_merge"].eq("both").to_numpy()
-    unscored = studies["all_scored"].eq(0).to_numpy()
-    note = (f"{outside.sum()} partial studies (images outside the test set) and "
-            f"{(unscored & ~outside).sum()} with unscored images left out")
-    return studies[~outside & ~unscored].drop(columns="all_scored").reset_index(drop=True), note
-
-
-def _study_points(table, prevalence, args) -> list[dict]:
-    """study_pred: 07's decision (any image positive at its model's threshold, routed by 03)."""
-    points = []
-    for rule in OPERATING_RULES:
-        studies, note = _complete_studies(table, args, "pred", rule)
-        if rule == "youden":
-            write_csv(studies, args.out / "fracture" / "test_studies.csv")
-            log(f"study_pred: {len(studies)} complete studies; {note}")
-        points.append({"scope": "study_pred", "rule": rule, **binary_metrics_with_ci(
-            studies["label"], studies["prob"], studies["patient_id"], float("nan"), args.bootstrap,
-            args.seed, prevalence, decisions=studies["decision"]), "note": note})
-    return points
-
-
-def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -> None:
-    """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred.
-
-    Brier/ECE are given on the test set as it is (balanced by design) and reweighted to the
-    training + validation prevalence (`*_at_prevalence`), the population the map was fitted for.
+    `hide` rewrites the command and the values (07 passes hide_uids: its inputs may be named by
+    DICOM UIDs); the library versions are added after it, so a version string is never touched.
     """
-    scored, route = table.dropna(subset=["prob_route_pred"]), args.route
-
-    def scores(frame, raw, calibrated, method):
-        return {"raw": calibration_metrics(frame["label"], frame[raw]),
-                "calibrated": calibration_metrics(frame["label"], frame[calibrated]),
-                "raw_at_prevalence": calibration_metrics(frame["label"], frame[raw], prevalence=prevalence),
-                "calibrated_at_prevalence": calibration_metrics(frame["label"], frame[calibrated],
-                                                                       prevalence=prevalence),
-                "method": method, "prevalence": prevalence}
-
-    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred", "platt per model")}
-    for row in rows:
-        if row.get("kind") == "model" and row.get("status") == "trained":
-            own = table[(table["projection_name"] == row["projection"])
-                        & (table["age_group" if route == "true" else "age_group_pred"] == row["age_group"])]
-            method = models[(row["projection"], int(row["age_group"]))]["calibration"]["method"]
-            report[f"{row['projection']}_group{int(row['age_group'])}"] = scores(
-                own, f"prob_route_{route}", f"calibrated_prob_route_{route}", method)
-    write_json(report, out_dir / "calibration.json")
-    plot_reliability({"raw": (scored["label"], scored["prob_route_pred"]),
-                             "calibrated": (scored["label"], scored["calibrated_prob_route_pred"])},
-                            out_dir / "reliability.png", "cascade_pred, test")
-    decisions = scored["prob_route_pred"] >= scored["threshold_youden_route_pred"]
-    subgroups = []
-    for name, column in FRACTURE_SUBGROUPS.items():
-        for value, members in scored.groupby(column):
-            metrics = binary_metrics_with_ci(
-                members["label"], members["calibrated_prob_route_pred"], members["patient_id"], float("nan"),
-                args.bootstrap, args.seed, decisions=decisions[members.index])
-            subgroups.append({"subgroup": name, "value": value, **{k: v for k, v in metrics.items() if k != "threshold"}})
-    write_csv(pd.DataFrame(subgroups), out_dir / "subgroups.csv")
+    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "config": config_dict(args), **extra}
+    if hide is not None:
+        record = json.loads(hide(json.dumps(record)))
+    return write_json({**record, "versions": library_versions()}, Path(folder) / "config.json")
 
 
-def write_ablation(out_dir, test, arm_probs, args) -> None:
-    """Each arm's test AUC (patient-bootstrap 95% CI) on the same images: per group, then cascaded.
-
-    Group scope: the test images routed to that group. Cascade: every image goes to the model of
-    its predicted age group (03), or its --route group without 03; the pooled arm scores every
-    image with its projection's one model. Images some arm has no model for are left out of all.
-    """
-    routed = "age_group_pred" if test["age_group_pred"].notna().all() else "route_group"
-    cascade = "cascade_pred" if routed == "age_group_pred" else f"cascade_{args.route}"
-    table = test[["filestem", "patient_id", "projection_name", "route_group", routed, "label"]]
-    table = table.loc[:, ~table.columns.duplicated()].copy()
-    for arm, models in arm_probs.items():
-        for column, route in (("group", "route_group"), ("cascade", routed)):
-            table[f"{arm}_{column}"] = [
-                models[(p, int(g))].get(f, np.nan) if (p, g) in models else np.nan
-                for f, p, g in zip(table["filestem"], table["projection_name"], table[route].fillna(-1).astype(int))]
-    arms = [a for a in ("pooled", "scratch", "from_pooled", "from_file") if a in arm_probs]
-    scopes = [(f"{p}_group{g}", (table["projection_name"] == p) & (table["route_group"] == g), "group")
-              for p, g in sorted({key for models in arm_probs.values() for key in models})]
-    scopes.append((cascade, table["projection_name"].isin(args.projections), "cascade"))
-    rows = []
-    for scope, mask, column in scopes:
-        scored = table[mask].dropna(subset=[f"{arm}_{column}" for arm in arms])
-        for arm in arms:
-            auc, (low, high) = auc_with_ci(scored["label"], scored[f"{arm}_{column}"],
-                                                  scored["patient_id"], args.bootstrap, args.seed)
-            rows.append({"arm": arm, "scope": scope, "n": len(scored), "auc": auc, "auc_lo": low, "auc_hi": high})
-    ablation = pd.DataFrame(rows)
-    write_csv(ablation, out_dir / "ablation.csv")
-    write_csv(table, out_dir / "ablation_predictions.csv")  # each arm's probability per image
-    log("ablation, test AUC (95% CIs in ablation.csv):\n" + ablation.pivot(index="scope", columns="arm", values="auc")
-               .reindex(columns=arms).to_string(float_format=lambda v: f"{v:.3f}"))
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

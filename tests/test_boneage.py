@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
+from sklearn.metrics import mean_absolute_error
+
 import common
 from conftest import ROOT, load_stage
 
@@ -162,7 +164,7 @@ def test_stage_writes_every_output(tmp_path):
     assert low <= metrics["test"]["mae"] <= high
 
     test = common.read_split(out, "boneage", "test")
-    assert metrics["test"]["baseline_mae"] == pytest.approx(common.mean_absolute_error(
+    assert metrics["test"]["baseline_mae"] == pytest.approx(mean_absolute_error(
         test["boneage"], np.full(len(test), common.read_split(out, "boneage", "train")["boneage"].mean())))
     predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"id": str})
     assert list(predictions.columns) == ["id", "sex", "true_months", "predicted_months"]

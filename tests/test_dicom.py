@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 import common
+from conftest import load_stage
+
+predict_stage = load_stage("07_predict")
 
 pydicom = pytest.importorskip("pydicom")
 data_store = pytest.importorskip("data_store")
@@ -171,12 +174,12 @@ def test_view_laterality_and_study_from_the_header(tmp_path):
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
         return [item]
 
-    tags = common.read_dicom_tags(source, b"salt")
+    tags = predict_stage.read_dicom_tags(source, b"salt")
     assert (tags["projection"], tags["view_source"], tags["laterality"]) == ("AP", "ViewPosition", "R")
     uid = str(pydicom.dcmread(source).StudyInstanceUID)
     assert tags["study_key"].startswith("S") and uid not in tags["study_key"]
-    assert common.read_dicom_tags(source, b"salt")["study_key"] == tags["study_key"]
-    assert common.read_dicom_tags(source, b"other")["study_key"] != tags["study_key"]
+    assert predict_stage.read_dicom_tags(source, b"salt")["study_key"] == tags["study_key"]
+    assert predict_stage.read_dicom_tags(source, b"other")["study_key"] != tags["study_key"]
     cases = [(view_code("R-10206", "SRT", "antero-posterior"), "AP"),      # legacy SNOMED RT code
              (view_code("399067008", "SCT", "lateral"), "Lat"),
              (view_code("399099002", "SCT", "lateral-medial oblique"), "other"),
@@ -184,7 +187,7 @@ def test_view_laterality_and_study_from_the_header(tmp_path):
     for i, (sequence, expected) in enumerate(cases):
         path = _variant(source, tmp_path / f"view{i}.dcm", ViewPosition=None, ViewCodeSequence=sequence,
                         ImageLaterality="L")
-        tags = common.read_dicom_tags(path)
+        tags = predict_stage.read_dicom_tags(path)
         assert tags["projection"] == expected, sequence
         assert tags["view_source"] == (expected and "ViewCodeSequence")
         assert tags["laterality"] == "L"  # ImageLaterality wins over the series' Laterality

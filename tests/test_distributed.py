@@ -14,9 +14,11 @@ import pandas as pd
 import torch
 
 import common
-from conftest import ROOT
+from conftest import ROOT, load_stage
 # The small demo's splits (2 test images per cell), shared with the stage tests.
 from test_train_stages import FAST, _copy_splits, _run, split_out  # noqa: F401
+
+fracture_stage = load_stage("04_train_fracture_ddp")
 
 
 def _torchrun(script: str, flags: list[str], *, env_extra: dict | None = None, nproc: int = 2,
@@ -63,7 +65,7 @@ def test_04_two_ranks_pooled_start_uneven_batch_crash_restart_and_resume(split_o
         _assert_partitioned(json.loads((run_dir / "sample_audit.json").read_text()), 2, [8, 7])
     pooled = torch.load(pooled_dir / "best.pt", weights_only=True)
     group = torch.load(folder / "last.pt", weights_only=True)
-    assert group["meta"]["init"] == f"pooled:{common.weights_fingerprint(pooled['state_dict'])}"
+    assert group["meta"]["init"] == f"pooled:{fracture_stage.weights_fingerprint(pooled['state_dict'])}"
     assert torch.load(folder / "best.pt", weights_only=True)["threshold"] is not None
     assert (run_out / "fracture" / "summary.csv").is_file()  # rank 0 finished after the restart
     assert set(pd.read_csv(run_out / "fracture" / "ablation.csv")["arm"]) == {"pooled", "from_pooled"}

@@ -13,6 +13,8 @@ import pytest
 import common
 from conftest import load_stage
 
+BINARY_METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")  # binary_metrics_with_ci's
+
 
 @pytest.fixture(scope="module")
 def evaluated(trained_run):
@@ -25,7 +27,7 @@ def test_operating_points_calibration_and_subgroups(evaluated):
     points = pd.read_csv(fracture / "operating_points.csv")
     assert {"cascade_true", "cascade_pred", "study_pred"} <= set(points["scope"])
     assert set(points["rule"]) == {"youden", "sens90", "sens95"}
-    for name in common.BINARY_METRICS:
+    for name in BINARY_METRICS:
         defined = points.dropna(subset=[name, f"{name}_lo"])
         assert ((defined[f"{name}_lo"] <= defined[name] + 1e-12) & (defined[name] <= defined[f"{name}_hi"] + 1e-12)).all()
     train_val = pd.concat([common.read_split(evaluated, "wrist", s) for s in ("train", "val")])

@@ -16,6 +16,11 @@ from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, precisi
 import common
 from conftest import load_stage
 
+BINARY_METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")  # binary_metrics_with_ci's
+
+fracture_stage = load_stage("04_train_fracture_ddp")
+age_stage = load_stage("03_train_age")
+
 
 def scores(n_patients: int, seed: int = 0, shift: float = 1.0):
     """Two images per patient, correlated within a patient, with some signal."""
@@ -59,7 +64,7 @@ def test_every_bootstrap_resample_equals_scikit_learn_on_its_rows():
     assert weights.shape == (25, len(labels))
     binary = common._decision_metrics(weights, labels, probs, probs >= 0.5, prevalence=None)
     statistics = {"regression": common._regression_statistics(months, estimate)(weights),
-                  "classification": common._classification_statistics(classes_true, classes_pred)(weights)}
+                  "classification": age_stage._classification_statistics(classes_true, classes_pred)(weights)}
     for b, counts in enumerate(weights.astype(int)):
         rows = np.repeat(np.arange(len(labels)), counts)
         y, p = labels[rows], probs[rows]
@@ -89,12 +94,12 @@ def test_intervals_contain_the_estimate_and_narrow_with_more_patients():
     for n_patients in (40, 400):
         labels, probs, patients = scores(n_patients, seed=n_patients)
         result = common.binary_metrics_with_ci(labels, probs, patients, 0.5, n_boot=300, prevalence=0.3)
-        for name in (*common.BINARY_METRICS, "ppv_at_prevalence", "npv_at_prevalence"):
+        for name in (*BINARY_METRICS, "ppv_at_prevalence", "npv_at_prevalence"):
             assert result[f"{name}_lo"] <= result[name] <= result[f"{name}_hi"], (n_patients, name)
             widths.setdefault(name, []).append(result[f"{name}_hi"] - result[f"{name}_lo"])
         true = np.linspace(0, 200, len(labels))
         regression = common.regression_metrics_with_ci(true, true + probs * 30 - 10, patients, n_boot=300)
-        classes = common.classification_metrics_with_ci(labels, (probs >= 0.5).astype(int), patients, n_boot=300)
+        classes = age_stage.classification_metrics_with_ci(labels, (probs >= 0.5).astype(int), patients, n_boot=300)
         for kind, values, names in (("regression", regression, ("mae", "rmse", "r2", "bias")),
                                     ("classes", classes, ("accuracy", "macro_f1"))):
             for name in names:
@@ -117,26 +122,26 @@ def test_bootstrap_resamples_patients_not_images():
 def test_sensitivity_thresholds_are_the_highest_reaching_the_target():
     labels, probs, _ = scores(200, seed=3)
     for target in (0.9, 0.95):
-        threshold = common.sensitivity_threshold(labels, probs, target)
+        threshold = fracture_stage.sensitivity_threshold(labels, probs, target)
         assert np.mean(probs[labels == 1] >= threshold) >= target
         higher = probs[probs > threshold].min()
         assert np.mean(probs[labels == 1] >= higher) < target
-    rules = common.operating_thresholds(labels, probs)
-    assert rules["youden"] == common.youden_threshold(labels, probs)
+    rules = fracture_stage.operating_thresholds(labels, probs)
+    assert rules["youden"] == fracture_stage.youden_threshold(labels, probs)
     assert rules["sens95"] <= rules["sens90"]
 
 
 def test_platt_calibration_fixes_a_prior_shift_and_keeps_every_decision():
     labels, probs, _ = scores(2000, seed=5)
     skewed = 1 / (1 + np.exp(-(np.log(probs / (1 - probs)) + 1.5)))  # as a balanced sampler would
-    calibration = common.fit_calibration(labels, skewed)
+    calibration = fracture_stage.fit_calibration(labels, skewed)
     calibrated = common.apply_calibration(skewed, calibration)
     assert calibration["method"] == "platt" and calibration["slope"] > 0
     assert common.calibration_metrics(labels, calibrated)["ece"] < common.calibration_metrics(labels, skewed)["ece"] / 2
     threshold = 0.6
     mapped = common.apply_calibration([threshold], calibration)[0]
     assert np.array_equal(skewed >= threshold, calibrated >= mapped)
-    backwards = common.fit_calibration(labels, 1 - skewed)
+    backwards = fracture_stage.fit_calibration(labels, 1 - skewed)
     assert backwards["method"] == "identity" and "slope" in backwards["reason"]
     assert np.array_equal(common.apply_calibration(skewed, backwards), skewed)
 

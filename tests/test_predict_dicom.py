@@ -8,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import cr_dicom
+from conftest import cr_dicom, load_stage
 from test_predict import models, predict, run  # noqa: F401 -- the shared fixtures of 07's tests
+
+predict_stage = load_stage("07_predict")
 
 pydicom = pytest.importorskip("pydicom")
 IDENTIFYING = {"PatientName": "Doe^Jane", "PatientID": "PID-4711-XYZ", "PatientBirthDate": "20120304",
@@ -143,12 +145,11 @@ def test_uid_named_files_and_folders_are_written_as_hashes(predict, models, tmp_
 def test_hide_uids_masks_uid_components_only():
     """UID folders and files (any suffix, any case) are hashed, one name per UID and run; numbers
     that are not UIDs (versions, probabilities, 3-part codes) stay readable."""
-    import common
     salt, other_salt = b"k" * 16, b"j" * 16
-    hidden = common.hide_uids("/pacs/1.2.840.10008.5.1.4.1/1.2.3.4.5.6.dcm 'x/1.2.3.4.5.6.DCM': 2.25.1.1.dicom", salt)
+    hidden = predict_stage.hide_uids("/pacs/1.2.840.10008.5.1.4.1/1.2.3.4.5.6.dcm 'x/1.2.3.4.5.6.DCM': 2.25.1.1.dicom", salt)
     names = re.findall(r"uid-[0-9a-f]{16}", hidden)
     assert len(names) == 4 and names[1] == names[2] != names[0]
     assert re.fullmatch(r"/pacs/uid-\w+/uid-\w+\.dcm 'x/uid-\w+\.DCM': uid-\w+\.dicom", hidden)
-    assert common.hide_uids("1.2.3.4.5.6", other_salt) != names[1]  # the key is the run's
+    assert predict_stage.hide_uids("1.2.3.4.5.6", other_salt) != names[1]  # the key is the run's
     kept = "IM0001.dcm p=0.53 code 1.2.3 opencv 4.12.0.88 part_1.2.3.4.5 /data/2024.01.15/x.png"
-    assert common.hide_uids(kept, salt) == kept
+    assert predict_stage.hide_uids(kept, salt) == kept

@@ -16,6 +16,8 @@ from conftest import ROOT, load_stage
 # The small demo's splits (2 test images per cell), shared with the stage tests.
 from test_train_stages import _copy_splits as _fresh, split_out as splits  # noqa: F401
 
+fracture_stage = load_stage("04_train_fracture_ddp")
+
 
 def _old_focal_formula(logits, targets, alpha, gamma):
     """The hand-written focal loss common.py used before torchvision's replaced it (reference)."""
@@ -193,16 +195,16 @@ def test_demo_draws_buckle_fractures_subtle_and_writes_its_answer_key(small_demo
 
 
 def test_small_validation_groups_take_the_pooled_threshold():
-    threshold, source = common.small_group_threshold([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], 0.37, "pooled model's")
+    threshold, source = fracture_stage.small_group_threshold([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], 0.37, "pooled model's")
     assert threshold == 0.37 and "pooled model's" in source and "3 positive" in source
-    assert common.small_group_threshold([1] * 5 + [0] * 5, 0.37, "pooled model's") == (None, "val Youden")
-    threshold, source = common.small_group_threshold([1, 0], None, "pooled model's")
+    assert fracture_stage.small_group_threshold([1] * 5 + [0] * 5, 0.37, "pooled model's") == (None, "val Youden")
+    threshold, source = fracture_stage.small_group_threshold([1, 0], None, "pooled model's")
     assert threshold is None and "UNRELIABLE" in source
-    assert "every validation image positive" in common.degenerate_warning(
+    assert "every validation image positive" in fracture_stage.degenerate_warning(
         [0.9, 0.8, 0.7], {"threshold": 0.5, "sensitivity": 0.5, "specificity": 0.5})
-    assert "sensitivity 1.00 with specificity 0.00" in common.degenerate_warning(
+    assert "sensitivity 1.00 with specificity 0.00" in fracture_stage.degenerate_warning(
         [0.9, 0.1], {"threshold": 0.5, "sensitivity": 1.0, "specificity": 0.0})
-    assert common.degenerate_warning([0.9, 0.1], {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.7}) == ""
+    assert fracture_stage.degenerate_warning([0.9, 0.1], {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.7}) == ""
 
 
 RESUME = [*TINY, "--preset", "demo", "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10"]

@@ -20,6 +20,8 @@ import torch
 import common
 from conftest import ROOT, load_stage
 
+fracture_stage = load_stage("04_train_fracture_ddp")
+
 SIZE = 32
 CPU = common.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -67,7 +69,7 @@ def bce(logits, batch):
 
 def val_auc(model, dataset, labels) -> float:
     logits = common.predict(model, dataset, forward, batch_size=32, info=CPU)
-    return common.binary_metrics(labels, 1 / (1 + np.exp(-logits)), 0.5)["auc"]
+    return fracture_stage.binary_metrics(labels, 1 / (1 + np.exp(-logits)), 0.5)["auc"]
 
 
 def new_model():
@@ -184,8 +186,8 @@ def test_fracture_stage_thresholds_and_saves_the_best_epoch(demo_splits, tmp_pat
         model.load_state_dict(weights)
         logits = common.predict(model, val_set, stage._forward, batch_size=16, info=CPU)
         probs = 1 / (1 + np.exp(-logits))
-        return (common.youden_threshold(frames["val"]["label"], probs),
-                common.binary_metrics(frames["val"]["label"], probs, 0.5)["auc"])
+        return (fracture_stage.youden_threshold(frames["val"]["label"], probs),
+                fracture_stage.binary_metrics(frames["val"]["label"], probs, 0.5)["auc"])
 
     best_threshold, best_auc = threshold_and_auc(best)
     last_threshold, _ = threshold_and_auc(last)
