@@ -1326,11 +1326,14 @@ def predict(model, dataset, forward: Callable, *, batch_size: int, info: DistInf
 
 def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, loss_fn: Callable,
         evaluate: Callable[[object], dict], settings: TrainSettings, info: DistInfo, run_dir: Path,
-        checkpoint_meta: dict, balanced: bool) -> dict:
+        checkpoint_meta: dict, balanced: bool, callbacks: Sequence[Callable[[str, dict], None]] = ()) -> dict:
     """Train with AdamW + warmup/cosine, gradient clipping, early stopping, resumable from last.pt.
 
     forward(model, images, batch) -> outputs; loss_fn(outputs, batch) -> scalar;
     evaluate(model) -> dict of validation metrics (called on every rank: it gathers).
+    callbacks: each is called as callback("step", state) after every optimizer step and
+    callback("epoch", state) once an epoch's files are written (state: epoch, step, rank, run_dir,
+    model); the restart and fail-fast tests inject their faults this way (tests/fault_launcher.py).
     Writes run_dir/best.pt (the best weights), last.pt (everything needed to resume),
     history.csv and, for the first epoch this process trains, sample_audit.json (which dataset
     indices each rank drew). Returns {"best": {...}, "history": [...]} with the best weights loaded.
@@ -1349,83 +1352,47 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
     # of every global batch (shares differ by at most one), so 1 and N processes step through the
     # same batches with the same learning-rate schedule. Every batch is full and every rank runs
     # the same number of steps, so no rank waits in a collective for a step another never takes.
-    n_draws = max(len(train_set), settings.min_epoch_samples)
-    shares, steps = batch_plan(n_draws, settings.batch_size, info.world_size)
+    shares, steps = batch_plan(max(len(train_set), settings.min_epoch_samples), settings.batch_size,
+                               info.world_size)
     rank_batch, global_batch = shares[info.rank], sum(shares)
-    # DDP averages gradients over ranks with equal weight; a rank with a larger share must count
-    # for more, so each rank's mean loss is scaled by share * W / B (1 when the shares are equal).
-    loss_weight = rank_batch * info.world_size / global_batch
     sampler = EpochSampler(train_labels, balanced=balanced, rank=info.rank, world_size=info.world_size,
                            seed=settings.seed, epoch_size=steps * global_batch, batch_shares=shares)
     loader = make_loader(train_set, batch_size=rank_batch, sampler=sampler,
                          workers=settings.workers, device=info.device)
-    steps_per_epoch = max(1, len(loader))
     optimizer = _make_optimizer(model, settings, on_cuda)
-    scheduler = _warmup_cosine(optimizer, int(settings.warmup_epochs * steps_per_epoch),
-                               settings.epochs * steps_per_epoch)
+    scheduler = _warmup_cosine(optimizer, int(settings.warmup_epochs * max(1, len(loader))),
+                               settings.epochs * max(1, len(loader)))
     early = EarlyStopping(settings.mode, settings.patience)
     history: list[dict] = []
     # last.pt is resumed only if the code, the data and the settings that made it are the same.
     resume_meta = {**checkpoint_meta, "code": code_fingerprint(forward), "data": dataset_fingerprint(train_set)}
     start_epoch, best_state = _resume(run_dir, resume_meta, model, optimizer, scheduler, early, history,
                                       info, force=settings.force)
-
     train_model = DistributedDataParallel(model, device_ids=[info.device.index] if on_cuda else None) \
         if info.distributed else model
     if settings.compile:
         train_model = torch.compile(train_model)
-    # For resume tests only: exit after this epoch, in every model or in the one whose folder ends
-    # with PIPELINE_CRASH_RUN (e.g. "Lat/pooled").
-    crash_epoch = int(os.environ.get("PIPELINE_CRASH_AFTER_EPOCH", "0")) \
-        if Path(run_dir).as_posix().endswith(os.environ.get("PIPELINE_CRASH_RUN", "")) else 0
-    fail_rank = int(os.environ.get("PIPELINE_FAIL_RANK", "-1"))  # for the fail-fast test only
-    audited = False
+    # DDP averages gradients over ranks with equal weight; a rank with a larger share must count
+    # for more, so each rank's mean loss is scaled by share * W / B (1 when the shares are equal).
+    loss_weight = rank_batch * info.world_size / global_batch
+    step = _TrainingStep(model, train_model, optimizer, scheduler, forward, loss_fn, settings.grad_clip, loss_weight)
     for epoch in range(start_epoch, settings.epochs):
         if early.should_stop:
             break
         sampler.set_epoch(epoch)
         # Augmentation randomness differs per rank and per epoch, and is reproducible on resume.
         torch.manual_seed(settings.seed * 100_003 + epoch * 1_009 + info.rank)
-        model.train()
-        start = time.perf_counter()
-        loss_sum, seen, drawn = 0.0, 0, []
-        for batch in progress(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", leave=False, unit="batch"):
-            images = prepare_images(batch["image"], info.device, train=True, channels_last=True)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                outputs = forward(train_model, images, batch)
-            targets = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if k != "image"}
-            loss = loss_fn(outputs.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * loss_weight).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if info.rank == fail_rank:  # the other ranks are now waiting in the next step's all-reduce
-                raise RuntimeError(f"PIPELINE_FAIL_RANK={fail_rank}: injected failure on rank {info.rank}")
-            loss_sum += loss.item() * len(images)
-            seen += len(images)
-            if not audited:
-                drawn.append(batch["index"])
-        if on_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        state = {"epoch": epoch + 1, "rank": info.rank, "run_dir": run_dir, "model": model}
+        loss_sum, seen, drawn, seconds = _train_epoch(step, loader, info, state, callbacks, settings.epochs)
         loss_total, seen_total = all_reduce_sum([loss_sum, seen], info.device)
-        if not audited:
+        if epoch == start_epoch:
             _write_sample_audit(run_dir, epoch, drawn, info, sampler)
-            audited = True
         recalibrate_batchnorm(model, train_set, forward, batch_size=rank_batch, info=info, seed=settings.seed)
         val = evaluate(model)
         improved = early.update(val[settings.monitor], epoch)
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        row = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
-               **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
-               "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_total / max(seconds, 1e-9),
-               "samples_seen": int(seen_total) + (int(history[-1]["samples_seen"]) if history else 0),
-               "seconds": seconds}
-        if on_cuda:  # the most this process has held so far, so a GPU run shows its headroom
-            row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
-        history.append(row)
+        history.append(_history_row(epoch, loss_total, seen_total, seconds, val, optimizer, history, info))
         if info.is_main:
             if improved:
                 save_checkpoint({**checkpoint_meta, "state_dict": best_state, "epoch": epoch + 1,
@@ -1435,18 +1402,73 @@ def fit(model, train_set, train_labels: Sequence[int], *, forward: Callable, los
                              "epoch": epoch + 1, "early": asdict(early), "history": history,
                              "torch_rng": torch.get_rng_state()}, run_dir / "last.pt")
             write_csv(pd.DataFrame(history), run_dir / "history.csv")
+        row = history[-1]
         log(f"epoch {epoch + 1:3d}/{settings.epochs}  loss {row['train_loss']:.4f}  "
             f"val {settings.monitor} {val[settings.monitor]:.4f}{' *' if improved else '  '}  "
             f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s")
-        if crash_epoch and epoch + 1 == crash_epoch:
-            barrier()  # rank 0 has written last.pt before any rank leaves
-        if crash_epoch and epoch + 1 == crash_epoch and info.rank == int(os.environ.get("PIPELINE_CRASH_RANK", "0")):
-            print(f"PIPELINE_CRASH_AFTER_EPOCH={crash_epoch}: rank {info.rank} exits on purpose to test "
-                  "resume", flush=True)
-            os._exit(17)
+        for callback in callbacks:
+            callback("epoch", state)
     if best_state is not None:
         model.load_state_dict(best_state)
     return {"best": {"epoch": early.best_epoch + 1, settings.monitor: early.best}, "history": history}
+
+
+@dataclass
+class _TrainingStep:
+    """What one optimizer step needs: the model (unwrapped, and as trained: DDP and/or compiled),
+    its optimizer and schedule, the stage's forward and loss, and this rank's loss weight."""
+    model: object
+    train_model: object
+    optimizer: object
+    scheduler: object
+    forward: Callable
+    loss_fn: Callable
+    grad_clip: float
+    loss_weight: float
+
+
+def _train_epoch(step: _TrainingStep, loader, info: DistInfo, state: dict, callbacks, epochs: int):
+    """One pass over this rank's share of the epoch: (loss sum, images seen, indices drawn, seconds)."""
+    import torch
+    on_cuda = info.device.type == "cuda"
+    step.model.train()
+    start = time.perf_counter()
+    loss_sum, seen, drawn = 0.0, 0, []
+    for number, batch in enumerate(progress(loader, desc=f"epoch {state['epoch']}/{epochs}", leave=False,
+                                            unit="batch")):
+        images = prepare_images(batch["image"], info.device, train=True, channels_last=True)
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            outputs = step.forward(step.train_model, images, batch)
+        targets = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if k != "image"}
+        loss = step.loss_fn(outputs.float(), targets)
+        step.optimizer.zero_grad(set_to_none=True)
+        (loss * step.loss_weight).backward()
+        torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
+        step.optimizer.step()
+        step.scheduler.step()
+        for callback in callbacks:
+            callback("step", {**state, "step": number + 1})
+        loss_sum += loss.item() * len(images)
+        seen += len(images)
+        drawn.append(batch["index"])
+    if on_cuda:
+        torch.cuda.synchronize()
+    return loss_sum, seen, drawn, time.perf_counter() - start
+
+
+def _history_row(epoch: int, loss_total: float, seen_total: float, seconds: float, val: dict, optimizer,
+                 history: list[dict], info: DistInfo) -> dict:
+    """history.csv's row of one epoch: loss, validation metrics, learning rate, speed, memory."""
+    import torch
+    row = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
+           **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
+           "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_total / max(seconds, 1e-9),
+           "samples_seen": int(seen_total) + (int(history[-1]["samples_seen"]) if history else 0),
+           "seconds": seconds}
+    if info.device.type == "cuda":  # the most this process has held so far, so a GPU run shows its headroom
+        row["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    return row
+
 
 
 def recalibrate_batchnorm(model, dataset, forward: Callable, *, batch_size: int, info: DistInfo,

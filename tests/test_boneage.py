@@ -190,7 +190,8 @@ def test_two_ranks_convnext_crash_restart_and_resume(tmp_path):
     torchrun restarts both workers and they resume from last.pt. Checked from what rank 0 wrote."""
     out = make_splits(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", "1", str(ROOT / "05_train_boneage.py"), "--out", str(out), *SMOKE_FLAGS,
+               "--max-restarts", "1", str(ROOT / "tests" / "fault_launcher.py"), "05_train_boneage.py",
+               "--out", str(out), *SMOKE_FLAGS,
                "--arch", "test_convnext", "--epochs", "3", "--batch-size", "9"]  # the last flag wins
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_CRASH_AFTER_EPOCH": "1",
                    "PIPELINE_CRASH_RANK": "1"}

@@ -19,13 +19,16 @@ from conftest import ROOT, load_stage
 from test_train_stages import FAST, _copy_splits, _run, split_out  # noqa: F401
 
 fracture_stage = load_stage("04_train_fracture_ddp")
+FAULT_LAUNCHER = "tests/fault_launcher.py"  # injects the crash or failure the test's environment names
 
 
 def _torchrun(script: str, flags: list[str], *, env_extra: dict | None = None, nproc: int = 2,
               max_restarts: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
-    """One CPU launch of `script` on `nproc` gloo ranks; torchrun may restart crashed workers."""
+    """One CPU launch of `script` on `nproc` gloo ranks, through the fault launcher when `env_extra`
+    names a fault; torchrun may restart crashed workers."""
+    launched = [FAULT_LAUNCHER, script] if env_extra else [script]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "--max-restarts", str(max_restarts), script, *flags]
+               "--max-restarts", str(max_restarts), *launched, *flags]
     return _run(command, {"OMP_NUM_THREADS": "1", **(env_extra or {})}, timeout=timeout)
 
 
@@ -96,7 +99,8 @@ def test_an_error_on_one_rank_ends_the_launch_in_seconds(split_out, tmp_path):
     out, flags = split_out
     run_out = _copy_splits(out, tmp_path / "fail")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "03_train_age.py", *flags[:4], "--preset", "demo", "--out", str(run_out), *FAST, "--epochs", "2"]
+               FAULT_LAUNCHER, "03_train_age.py", *flags[:4], "--preset", "demo", "--out", str(run_out), *FAST,
+               "--epochs", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PIPELINE_FAIL_RANK": "1"}
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -145,3 +149,19 @@ def test_two_nodes_share_one_out_and_draw_disjoint_samples(split_out, tmp_path):
     assert pd.read_csv(folder / "history.csv")["epoch"].tolist() == [1, 2]
     assert torch.load(folder / "best.pt", weights_only=True)["arch"] == "test_convnextv2"
     assert (run_out / "fracture" / "summary.csv").is_file()
+
+
+def test_an_uneven_batch_on_two_ranks_steps_as_one_process(tmp_path):
+    """One step on 2 gloo ranks with shares 5 + 4 equals one process's step on the same 9 images:
+    each rank's mean loss must count by its share (DDP alone would average the two means)."""
+    import one_step_worker
+    one_step_worker.one_step(tmp_path / "single.pt", common.DistInfo(0, 1, 0, torch.device("cpu")))
+    launch = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "tests/one_step_worker.py", str(tmp_path / "ddp" / "two_ranks.pt")], {"OMP_NUM_THREADS": "1"})
+    assert launch.returncode == 0, (launch.stdout + launch.stderr)[-3000:]
+    assert json.loads((tmp_path / "ddp" / "run" / "sample_audit.json").read_text())["batch_shares"] == [5, 4]
+    single = torch.load(tmp_path / "single.pt", weights_only=True)
+    two_ranks = torch.load(tmp_path / "ddp" / "two_ranks.pt", weights_only=True)
+    for part in ("gradients", "weights"):
+        for name, value in single[part].items():
+            torch.testing.assert_close(two_ranks[part][name], value, rtol=1e-5, atol=1e-7, msg=f"{part} {name}")

@@ -125,7 +125,8 @@ def test_folder_and_dicom_with_router_and_counted_skips(predict, models, tmp_pat
     assert (table["age_group"] == 1).all() and (table["age_group_source"] == "predicted").all()
 
     assert skipped.to_dict("records") == [{"input_path": str(folder / "broken.png"),
-                                           "reason": "unreadable image", "detail": skipped["detail"][0]}]
+                                           "reason": "unreadable image", "detail": skipped["detail"][0],
+                                           "task": "any"}]  # no task can use a file that cannot be read
     assert "cannot decode" in skipped["detail"][0]
     output = capsys.readouterr().out
     assert "predicted 6 images and 1 studies; skipped 1 (1 unreadable image)" in output
@@ -233,7 +234,7 @@ def test_bone_age_and_grad_cam(predict, models, tmp_path):
     assert table.columns.tolist() == [*IMAGE_COLUMNS, "bone_age_months", "cam_path"]
     assert table.loc[0, "bone_age_months"] > 0 and table.loc[0, "bone_age_months"] < 240
     assert pd.isna(table.loc[1, "bone_age_months"])  # no sex in the CSV and no --sex
-    assert skipped["reason"].tolist() == ["bone age: no sex"]
+    assert skipped[["reason", "task"]].values.tolist() == [["bone age: no sex", "bone age"]]
     for row in table.itertuples():
         overlay = cv2.imread(str(tmp_path / "out" / row.cam_path))
         assert overlay.shape[1] == 80 and overlay.shape[0] > 100  # original width, caption above

@@ -221,8 +221,8 @@ def test_fine_tuned_model_resumes_and_a_changed_start_does_not(splits, tmp_path,
     command = [*flags[:4], "--out", str(run_out), *RESUME]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PIPELINE_CRASH_AFTER_EPOCH": "1",
            "PIPELINE_CRASH_RUN": "Lat/group2"}
-    crashed = subprocess.run([sys.executable, "04_train_fracture_ddp.py", *command], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
+    crashed = subprocess.run([sys.executable, "tests/fault_launcher.py", "04_train_fracture_ddp.py", *command],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert crashed.returncode == 17, crashed.stdout[-2000:] + crashed.stderr[-2000:]  # the pooled model ended
     assert len(pd.read_csv(pooled_dir / "history.csv")) == 3
     assert torch.load(group_dir / "last.pt", weights_only=True)["epoch"] == 1
