@@ -164,4 +164,5 @@ def test_an_uneven_batch_on_two_ranks_steps_as_one_process(tmp_path):
     two_ranks = torch.load(tmp_path / "ddp" / "two_ranks.pt", weights_only=True)
     for part in ("gradients", "weights"):
         for name, value in single[part].items():
-            torch.testing.assert_close(two_ranks[part][name], value, rtol=1e-5, atol=1e-7, msg=f"{part} {name}")
+            torch.testing.assert_close(two_ranks[part][name], value, rtol=1e-5, atol=1e-7,
+                                       msg=lambda message: f"{part} {name}: {message}")

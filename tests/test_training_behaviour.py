@@ -307,3 +307,33 @@ def test_no_stage_augments_outside_training():
                 if flag.value is not False:
                     training_calls.append(f"{path.name}:{function.name}")
     assert training_calls == ["common.py:fit"]
+
+
+def test_an_edit_to_code_that_lives_in_04_retrains_04(tmp_path, monkeypatch):
+    """04's test evaluation and validation choices live in the stage now, not in common.py: an edit
+    there must still change the code hash that last.pt resumes by, and run_all's up-to-date check."""
+    import importlib.util
+    import shutil
+    run_all = load_stage("run_all")
+    stage = next(s for s in run_all.STAGES if s.name == "04")
+    for name in (stage.script, "common.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.setattr(common, "ROOT", tmp_path)  # where run_all reads the stages' code
+    args = type("Args", (), {"out": tmp_path / "outputs", "tracks": ["wrist"], "data": None, "boneage_data": None})
+
+    def fingerprints() -> tuple[str, str]:
+        spec = importlib.util.spec_from_file_location("copied_04", tmp_path / stage.script)
+        copied = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copied)
+        command = [sys.executable, stage.script, "--out", str(args.out)]
+        return common.code_fingerprint(copied._forward), run_all._fingerprint(stage, command, args)
+
+    before = fingerprints()
+    assert fingerprints() == before
+    source = (tmp_path / stage.script).read_text()
+    edited = source.replace("def write_ablation(out_dir, test, arm_probs, args) -> None:\n",
+                            "def write_ablation(out_dir, test, arm_probs, args) -> None:\n    args = args\n")
+    assert edited != source
+    (tmp_path / stage.script).write_text(edited)
+    after = fingerprints()
+    assert after[0] != before[0] and after[1] != before[1]
