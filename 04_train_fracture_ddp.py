@@ -325,8 +325,8 @@ def _forward(model, images, batch):
 
 
 def _predict_probs(model, dataset, args, info) -> np.ndarray:
-    logits = common.predict(model, dataset, _forward, batch_size=args.batch_size, info=info)
-    return 1.0 / (1.0 + np.exp(-logits))
+    from scipy.special import expit
+    return expit(common.predict(model, dataset, _forward, batch_size=args.batch_size, info=info))
 
 
 def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args, threshold=None) -> dict:
@@ -496,7 +496,7 @@ def fit_calibration(labels, probs) -> dict:
     """
     from sklearn.linear_model import LogisticRegression
     labels = np.asarray(labels).astype(int)
-    logits = common._logit(probs).reshape(-1, 1)
+    logits = common.clipped_logit(probs).reshape(-1, 1)
     if len(np.unique(labels)) < 2:
         return {"method": "identity", "slope": 1.0, "intercept": 0.0, "n": int(len(labels)),
                 "reason": "validation has one class"}

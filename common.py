@@ -1062,7 +1062,9 @@ def open_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: str
     import torch.distributed as dist
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        with _cache_lock(Path(cache_dir) / f".{name}_{size}.lock"):
+        from filelock import FileLock  # flock on POSIX (NFS included), msvcrt on Windows
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with FileLock(Path(cache_dir) / f".{name}_{size}.lock"):
             cache = build_image_cache(paths, size, cache_dir, name, workers)
     if distributed:
         dist.barrier()
@@ -1070,19 +1072,6 @@ def open_image_cache(paths: Sequence[str], size: int, cache_dir: Path, name: str
             index = read_json(Path(cache_dir) / f"{name}_{size}.json")
             cache = _cache_from_entries(Path(cache_dir) / f"{name}_{size}.npy", size, index["entries"])
     return cache
-
-
-@contextlib.contextmanager
-def _cache_lock(path: Path):
-    """An exclusive lock on `path` across processes and nodes (flock; POSIX locks on NFS)."""
-    import fcntl
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cache_split_images(frames: dict[str, pd.DataFrame], size: int, out: Path, name: str,
@@ -2059,12 +2048,15 @@ def apply_calibration(probs, calibration: dict | None) -> np.ndarray:
     probs = np.asarray(probs, dtype=float)
     if not calibration or calibration.get("method") == "identity":
         return probs
-    return 1.0 / (1.0 + np.exp(-(calibration["slope"] * _logit(probs) + calibration["intercept"])))
+    from scipy.special import expit
+    return expit(calibration["slope"] * clipped_logit(probs) + calibration["intercept"])
 
 
-def _logit(probs) -> np.ndarray:
-    probs = np.clip(np.asarray(probs, dtype=float), 1e-7, 1 - 1e-7)
-    return np.log(probs / (1 - probs))
+def clipped_logit(probs) -> np.ndarray:
+    """The logit of probabilities clipped to [1e-7, 1 - 1e-7]: a float32 sigmoid saturates at
+    exactly 0 or 1, whose logit is infinite."""
+    from scipy.special import logit
+    return logit(np.clip(np.asarray(probs, dtype=float), 1e-7, 1 - 1e-7))
 
 
 def calibration_metrics(labels, probs, n_bins: int = 10, prevalence: float | None = None) -> dict:
@@ -2075,6 +2067,7 @@ def calibration_metrics(labels, probs, n_bins: int = 10, prevalence: float | Non
     population with that prevalence would give. A balanced test set otherwise penalises
     probabilities that are right for the source data.
     """
+    from sklearn.metrics import brier_score_loss
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
     if len(labels) == 0 or (prevalence is not None and len(np.unique(labels)) < 2):
         return {"brier": float("nan"), "ece": float("nan")}
@@ -2089,7 +2082,7 @@ def calibration_metrics(labels, probs, n_bins: int = 10, prevalence: float | Non
         if inside.any():
             observed = np.average(labels[inside], weights=weights[inside])
             ece += abs(observed - np.average(probs[inside], weights=weights[inside])) * weights[inside].sum()
-    return {"brier": float(np.average((probs - labels) ** 2, weights=weights)), "ece": float(ece / weights.sum())}
+    return {"brier": float(brier_score_loss(labels, probs, sample_weight=weights)), "ece": float(ece / weights.sum())}
 
 
 def regression_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -2130,19 +2123,16 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def plot_roc(labels, probs, path: Path, title: str, threshold: float | None = None) -> Path:
-    from sklearn.metrics import roc_curve, roc_auc_score
+    from sklearn.metrics import RocCurveDisplay
     plt = _figure()
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     if len(np.unique(labels)) == 2:
-        fpr, tpr, _ = roc_curve(labels, probs)
-        ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(labels, probs):.3f}")
+        RocCurveDisplay.from_predictions(labels, probs, ax=ax, name="images", plot_chance_level=True)
         if threshold is not None:
-            predicted = np.asarray(probs) >= threshold
-            labels_ = np.asarray(labels).astype(bool)
-            ax.plot([(predicted & ~labels_).sum() / max((~labels_).sum(), 1)],
-                    [(predicted & labels_).sum() / max(labels_.sum(), 1)], "o", color="black",
+            called = probs >= threshold
+            ax.plot([called[labels == 0].mean()], [called[labels == 1].mean()], "o", color="black",
                     label=f"threshold {threshold:.2f}")
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
     return save_figure(fig, path)
@@ -2151,14 +2141,12 @@ def plot_roc(labels, probs, path: Path, title: str, threshold: float | None = No
 def plot_pr(labels, probs, path: Path, title: str, threshold: float | None = None) -> Path:
     """Precision-recall curve, shown beside each ROC: with few negatives or few positives it
     shows what the ROC hides (how many flagged images are really fractures)."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
+    from sklearn.metrics import PrecisionRecallDisplay
     plt = _figure()
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     if len(np.unique(labels)) == 2:
-        precision, recall, _ = precision_recall_curve(labels, probs)
-        ax.plot(recall, precision, lw=2, label=f"AP {average_precision_score(labels, probs):.3f}")
-        ax.axhline(labels.mean(), ls="--", color="grey", lw=1, label=f"prevalence {labels.mean():.2f}")
+        PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, name="images", plot_chance_level=True)
         if threshold is not None and (probs >= threshold).any():
             flagged = probs >= threshold
             ax.plot([flagged[labels == 1].mean()], [labels[flagged].mean()], "o", color="black",
@@ -2204,16 +2192,12 @@ def plot_training_curves(history_csv: Path, path: Path, title: str, metric: str)
 
 
 def plot_confusion(matrix, class_names: Sequence[str], path: Path, title: str) -> Path:
+    from sklearn.metrics import ConfusionMatrixDisplay
     plt = _figure()
-    matrix = np.asarray(matrix)
     size = max(3.2, 0.9 * len(class_names) + 1.5)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center",
-                color="white" if count > matrix.max() / 2 else "black")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
-    ax.set_yticks(range(len(class_names)), class_names)
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return save_figure(fig, path)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -83,12 +84,11 @@ def reference_dir() -> Path:
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """The folder `name` that `build(folder)` fills, built once for the whole session (all xdist
     workers): a half-built folder from a failed build is never served, the next caller rebuilds."""
-    import common
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # pytest-N/, shared by every worker's popen-gwK/
     folder, done = base / name, base / f"{name}.done"
-    with common._cache_lock(base / f"{name}.lock"):
+    with FileLock(base / f"{name}.lock"):
         if not done.is_file():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
