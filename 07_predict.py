@@ -80,6 +80,7 @@ import pandas as pd
 import common
 
 SKIPS_SHOWN = 20
+IMAGE_PROBLEMS = ("file not found", "unreadable image")  # 07's skips that no task can use
 
 
 def parse_args(argv=None):
@@ -158,225 +159,6 @@ def main(argv=None):
     common.write_run_config(out_dir, args, hide=hide, models=str(args.models.resolve()))
     _print_summary(table, skipped, out_dir, hide)
     return table
-
-
-def _no_fracture_track(images: pd.DataFrame) -> None:
-    """The fracture columns, empty, for a run that trained only the bone-age model; the images
-    are not listed as fracture skips (there was nothing to predict)."""
-    for column in ("age_group", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
-                   "model", "cam_path"):
-        images[column] = None
-    no_projection = images["skip_reason"] == "no projection"
-    images.loc[no_projection, ["skip_reason", "skip_detail"]] = None
-
-
-def _age_edges(fracture_models: dict) -> tuple[float, ...]:
-    """The age edges the fracture models were trained with (each checks it agrees when loaded)."""
-    checkpoint = common.load_checkpoint(next(iter(fracture_models.values())))
-    return tuple(float(e) for e in checkpoint["age_edges"])
-
-
-def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, device) -> None:
-    """The group of a given age with the models' edges; otherwise the 03 router's prediction."""
-    images["age_group"], images["age_group_source"] = None, None
-    usable = images["skip_reason"].isna()
-    given = usable & images["age"].notna()
-    groups = common.age_group_of(images.loc[given, "age"].astype(float), edges)
-    images.loc[given, "age_group"] = [int(group) for group in groups]
-    images.loc[given, "age_group_source"] = "given"
-    unknown = images.index[usable & images["age"].isna()]
-    if len(unknown) == 0:
-        return
-    if not router_path.is_file():
-        for index in unknown:
-            skip_image(images, index, "no age and no age router", f"{router_path} not found: "
-                              "give an age (CSV column, --age) or run 03_train_age.py")
-        return
-    router, checkpoint = common.load_trained_model(router_path, device)
-    _check_edges(checkpoint, edges, router_path)
-    for indices, squares, _ in _batches(images, unknown, checkpoint["image_size"], args.batch_size,
-                                        "age router", skip_image):
-        images.loc[indices, "age_group"] = _infer(router, squares, device).argmax(dim=1).tolist()
-        images.loc[indices, "age_group_source"] = "predicted"
-
-
-def _check_edges(checkpoint: dict, edges, path: Path) -> None:
-    if tuple(float(e) for e in checkpoint.get("age_edges", ())) != tuple(edges):
-        raise common.InputError(f"{path}: trained with age edges {checkpoint.get('age_edges')}, the other "
-                                f"models with {list(edges)}; retrain all models from one run")
-
-
-def _batches(images: pd.DataFrame, indices, size: int, batch_size: int, desc: str, skip):
-    """Yield (indices, uint8 [B, S, S] squares, letterboxes) of the readable images, batch by batch.
-
-    Preprocessing is common.preprocess_image, the function training used; an image that cannot be
-    decoded is recorded with `skip` (skip_image or _skip_bone_age) and never reaches a model.
-    """
-    indices = list(indices)
-    for start in common.progress(range(0, len(indices), batch_size), desc=desc, unit="batch"):
-        kept, squares, boxes = [], [], []
-        for index in indices[start:start + batch_size]:
-            try:
-                square, box = common.preprocess_image(images.at[index, "path"], size)
-            except Exception as error:  # noqa: BLE001 -- one bad file must not stop the whole batch
-                skip(images, index, "unreadable image", str(error))
-                continue
-            kept.append(index)
-            squares.append(square)
-            boxes.append(box)
-        if kept:
-            yield kept, np.stack(squares), boxes
-
-
-def _infer(model, squares: np.ndarray, device, *extra):
-    """Forward pass as in evaluation (common.predict): bf16 autocast on CUDA, fp32 on CPU, so the
-    probabilities are on the scale the threshold was chosen on."""
-    import torch
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=device.type == "cuda"):
-        batch = common.prepare_images(torch.from_numpy(squares).unsqueeze(1), device, train=False,
-                                      channels_last=True)  # as common.predict, for the same numbers
-        return model(batch, *(e.to(device) for e in extra)).float().cpu()
-
-
-def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
-                      ) -> None:
-    """Run each (projection, age group) model on its images; with --cam also write Grad-CAM++
-    overlays (common's, as 06 draws them)."""
-    import torch
-    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "model", "cam_path"):
-        images[column] = None
-    ready = images[images["skip_reason"].isna() & images["age_group"].notna()]
-    for (projection, group), members in ready.groupby(["projection", "age_group"]):
-        group = int(group)
-        model_path = fracture_models.get((projection, group))
-        if model_path is None:
-            for index in members.index:
-                skip_image(images, index, "no fracture model for the group",
-                                  _missing_model_detail(args.models, projection, group, edges))
-            continue
-        model, checkpoint = common.load_trained_model(model_path, device)
-        _check_edges(checkpoint, edges, model_path)
-        threshold = float(checkpoint.get("threshold", 0.5))
-        relative = model_path.relative_to(args.models).as_posix()
-        for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
-                                                args.batch_size, f"{projection} group {group}",
-                                                skip_image):
-            probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy().astype(float)
-            calibration = checkpoint.get("calibration")
-            images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
-            images.loc[indices, "raw_prob"] = probs
-            images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
-            images.loc[indices, "threshold"] = float(common.apply_calibration([threshold], calibration)[0])
-            images.loc[indices, "model"] = relative
-            if args.cam:
-                cams, _ = common.grad_cam_plus_plus(model, squares, device)
-                for index, cam, box, prob in zip(indices, cams, boxes, probs):
-                    stem = Path(images.at[index, "input_path"]).stem  # the UID-free name
-                    name = f"{index:05d}_{stem}_p{prob:.2f}.png"
-                    overlay = common.render_overlay(images.at[index, "path"], cam, box,
-                                                     common.caption(float(prob), threshold))
-                    common.write_png(overlay, out_dir / "gradcam" / name)
-                    images.at[index, "cam_path"] = f"gradcam/{name}"
-        del model
-
-
-def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
-    """Why 04 left this model out, from its summary.csv when there is one."""
-    name = f"{projection} group {group} {common.age_group_names(edges)[group]}"
-    summary = models / "fracture" / "summary.csv"
-    if summary.is_file():
-        rows = pd.read_csv(summary)
-        match = rows[(rows["kind"] == "model") & (rows["projection"] == projection)
-                     & (rows["age_group"] == group) & (rows["status"] == "skipped")]
-        if not match.empty:
-            return f"{name} was skipped in training: {match['reason'].iloc[0]}"
-    return f"{name}: no {models / 'fracture' / projection / f'group{group}' / 'best.pt'}"
-
-
-def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> None:
-    """Bone age in months for every readable image with a sex (the model needs it as an input)."""
-    import torch
-    images["bone_age_months"], images["boneage_skip"], images["boneage_detail"] = None, None, None
-    readable = ~images["skip_reason"].isin(IMAGE_PROBLEMS)
-    for index in images.index[readable & images["sex"].isna()]:
-        _skip_bone_age(images, index, "no sex", "give a sex column, --sex, or a DICOM with PatientSex")
-    model, checkpoint = common.load_trained_model(boneage_path, device)
-    wanted = images.index[readable & images["sex"].notna()]
-    for indices, squares, _ in _batches(images, wanted, checkpoint["image_size"], args.batch_size,
-                                        "bone age", _skip_bone_age):
-        male = torch.tensor([int(images.at[i, "sex"] == "M") for i in indices], dtype=torch.long)
-        images.loc[indices, "bone_age_months"] = _infer(model, squares, device, male).numpy().astype(float)
-
-
-def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -> None:
-    images.at[index, "boneage_skip"] = f"bone age: {reason}"
-    images.at[index, "boneage_detail"] = " ".join(str(detail).split())
-
-
-def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
-    names = common.age_group_names(edges) if edges is not None else []
-    rows = images[["input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
-                   "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold", "model"]].copy()
-    rows["level"], rows["n_images"] = "image", 1
-    rows["age_group_name"] = [None if group is None else names[int(group)] for group in rows["age_group"]]
-    rows["fracture_pred"] = rows["fracture_pred"].astype("Int64")  # empty for a bone-age-only row
-    if args.boneage:
-        rows["bone_age_months"] = images["bone_age_months"].astype(float).round(1)
-    if args.cam:
-        rows["cam_path"] = images["cam_path"]
-    return rows.reset_index(drop=True)
-
-
-def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
-    """One row per study (common.study_table: max probability, positive if any image is)."""
-    scored = study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
-    if scored.empty:
-        return pd.DataFrame()
-    studies = common.study_table(scored.assign(fracture_pred=scored["fracture_pred"].astype(int),
-                                               fracture_prob=scored["fracture_prob"].astype(float),
-                                               raw_prob=scored["raw_prob"].astype(float)),
-                                 "fracture_prob", "fracture_pred", raw_prob=("raw_prob", "max"))
-    views = scored.groupby(["patient_id", "study_id", "laterality"])["projection"].agg(
-        lambda p: "+".join(sorted(set(p)))).rename("projection").reset_index()
-    studies = studies.merge(views, on=["patient_id", "study_id", "laterality"])
-    studies["laterality"] = studies["laterality"].replace("", None)
-    return studies.rename(columns={"prob": "fracture_prob", "decision": "fracture_pred"}).assign(level="study")
-
-
-def _output_columns(args) -> list[str]:
-    return ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
-            "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
-            "model", "n_images", *(["bone_age_months"] if args.boneage else []),
-            *(["cam_path"] if args.cam else [])]
-
-
-def _skip_table(images: pd.DataFrame, hide) -> pd.DataFrame:
-    """Every skip with its reason and the task it stops (`any` for a file no task can read); the
-    details (error messages may quote the path) through `hide`."""
-    fracture = images[images["skip_reason"].notna()]
-    frames = [pd.DataFrame({"input_path": fracture["input_path"], "reason": fracture["skip_reason"],
-                            "detail": fracture["skip_detail"],
-                            "task": np.where(fracture["skip_reason"].isin(IMAGE_PROBLEMS), "any", "fracture")})]
-    if "boneage_skip" in images:
-        bone = images[images["boneage_skip"].notna()]
-        frames.append(pd.DataFrame({"input_path": bone["input_path"], "reason": bone["boneage_skip"],
-                                    "detail": bone["boneage_detail"], "task": "bone age"}))
-    skipped = pd.concat(frames, ignore_index=True)
-    return skipped.assign(detail=skipped["detail"].map(hide, na_action="ignore"))
-
-
-def _print_summary(table: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, hide) -> None:
-    for row in skipped.head(SKIPS_SHOWN).itertuples():
-        common.log(f"skipped {row.input_path}: {row.reason}" + (f" ({row.detail})" if row.detail else ""))
-    if len(skipped) > SKIPS_SHOWN:
-        common.log(f"... and {len(skipped) - SKIPS_SHOWN} more skips listed in {hide(out_dir / 'skipped.csv')}")
-    images = table[table["level"] == "image"]
-    counts = Counter(skipped["reason"])
-    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none"
-    studies = int((table["level"] == "study").sum()) if len(table) else 0
-    common.log(f"07: predicted {len(images)} images" + (f" and {studies} studies" if studies else "")
-               + f"; skipped {len(skipped)} ({reasons}) -> {hide(out_dir / 'predictions.csv')}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,13 +374,237 @@ def _dicom_age_years(text: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Predicting: age groups (given or routed), fractures, bone age
+# ------------------------------------------------------------------------------------------------
+
+def _no_fracture_track(images: pd.DataFrame) -> None:
+    """The fracture columns, empty, for a run that trained only the bone-age model; the images
+    are not listed as fracture skips (there was nothing to predict)."""
+    for column in ("age_group", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
+                   "model", "cam_path"):
+        images[column] = None
+    no_projection = images["skip_reason"] == "no projection"
+    images.loc[no_projection, ["skip_reason", "skip_detail"]] = None
+
+
+def _age_edges(fracture_models: dict) -> tuple[float, ...]:
+    """The age edges the fracture models were trained with (each checks it agrees when loaded)."""
+    checkpoint = common.load_checkpoint(next(iter(fracture_models.values())))
+    return tuple(float(e) for e in checkpoint["age_edges"])
+
+
+def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, device) -> None:
+    """The group of a given age with the models' edges; otherwise the 03 router's prediction."""
+    images["age_group"], images["age_group_source"] = None, None
+    usable = images["skip_reason"].isna()
+    given = usable & images["age"].notna()
+    groups = common.age_group_of(images.loc[given, "age"].astype(float), edges)
+    images.loc[given, "age_group"] = [int(group) for group in groups]
+    images.loc[given, "age_group_source"] = "given"
+    unknown = images.index[usable & images["age"].isna()]
+    if len(unknown) == 0:
+        return
+    if not router_path.is_file():
+        for index in unknown:
+            skip_image(images, index, "no age and no age router", f"{router_path} not found: "
+                              "give an age (CSV column, --age) or run 03_train_age.py")
+        return
+    router, checkpoint = common.load_trained_model(router_path, device)
+    _check_edges(checkpoint, edges, router_path)
+    for indices, squares, _ in _batches(images, unknown, checkpoint["image_size"], args.batch_size,
+                                        "age router", skip_image):
+        images.loc[indices, "age_group"] = _infer(router, squares, device).argmax(dim=1).tolist()
+        images.loc[indices, "age_group_source"] = "predicted"
+
+
+def _check_edges(checkpoint: dict, edges, path: Path) -> None:
+    if tuple(float(e) for e in checkpoint.get("age_edges", ())) != tuple(edges):
+        raise common.InputError(f"{path}: trained with age edges {checkpoint.get('age_edges')}, the other "
+                                f"models with {list(edges)}; retrain all models from one run")
+
+
+def _batches(images: pd.DataFrame, indices, size: int, batch_size: int, desc: str, skip):
+    """Yield (indices, uint8 [B, S, S] squares, letterboxes) of the readable images, batch by batch.
+
+    Preprocessing is common.preprocess_image, the function training used; an image that cannot be
+    decoded is recorded with `skip` (skip_image or _skip_bone_age) and never reaches a model.
+    """
+    indices = list(indices)
+    for start in common.progress(range(0, len(indices), batch_size), desc=desc, unit="batch"):
+        kept, squares, boxes = [], [], []
+        for index in indices[start:start + batch_size]:
+            try:
+                square, box = common.preprocess_image(images.at[index, "path"], size)
+            except Exception as error:  # noqa: BLE001 -- one bad file must not stop the whole batch
+                skip(images, index, "unreadable image", str(error))
+                continue
+            kept.append(index)
+            squares.append(square)
+            boxes.append(box)
+        if kept:
+            yield kept, np.stack(squares), boxes
+
+
+def _infer(model, squares: np.ndarray, device, *extra):
+    """Forward pass as in evaluation (common.predict): bf16 autocast on CUDA, fp32 on CPU, so the
+    probabilities are on the scale the threshold was chosen on."""
+    import torch
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        batch = common.prepare_images(torch.from_numpy(squares).unsqueeze(1), device, train=False,
+                                      channels_last=True)  # as common.predict, for the same numbers
+        return model(batch, *(e.to(device) for e in extra)).float().cpu()
+
+
+def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
+                      ) -> None:
+    """Run each (projection, age group) model on its images; with --cam also write Grad-CAM++
+    overlays (common's, as 06 draws them)."""
+    import torch
+    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "model", "cam_path"):
+        images[column] = None
+    ready = images[images["skip_reason"].isna() & images["age_group"].notna()]
+    for (projection, group), members in ready.groupby(["projection", "age_group"]):
+        group = int(group)
+        model_path = fracture_models.get((projection, group))
+        if model_path is None:
+            for index in members.index:
+                skip_image(images, index, "no fracture model for the group",
+                                  _missing_model_detail(args.models, projection, group, edges))
+            continue
+        model, checkpoint = common.load_trained_model(model_path, device)
+        _check_edges(checkpoint, edges, model_path)
+        threshold = float(checkpoint.get("threshold", 0.5))
+        relative = model_path.relative_to(args.models).as_posix()
+        for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
+                                                args.batch_size, f"{projection} group {group}",
+                                                skip_image):
+            probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy().astype(float)
+            calibration = checkpoint.get("calibration")
+            images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
+            images.loc[indices, "raw_prob"] = probs
+            images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
+            images.loc[indices, "threshold"] = float(common.apply_calibration([threshold], calibration)[0])
+            images.loc[indices, "model"] = relative
+            if args.cam:
+                cams, _ = common.grad_cam_plus_plus(model, squares, device)
+                for index, cam, box, prob in zip(indices, cams, boxes, probs):
+                    stem = Path(images.at[index, "input_path"]).stem  # the UID-free name
+                    name = f"{index:05d}_{stem}_p{prob:.2f}.png"
+                    overlay = common.render_overlay(images.at[index, "path"], cam, box,
+                                                     common.caption(float(prob), threshold))
+                    common.write_png(overlay, out_dir / "gradcam" / name)
+                    images.at[index, "cam_path"] = f"gradcam/{name}"
+        del model
+
+
+def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
+    """Why 04 left this model out, from its summary.csv when there is one."""
+    name = f"{projection} group {group} {common.age_group_names(edges)[group]}"
+    summary = models / "fracture" / "summary.csv"
+    if summary.is_file():
+        rows = pd.read_csv(summary)
+        match = rows[(rows["kind"] == "model") & (rows["projection"] == projection)
+                     & (rows["age_group"] == group) & (rows["status"] == "skipped")]
+        if not match.empty:
+            return f"{name} was skipped in training: {match['reason'].iloc[0]}"
+    return f"{name}: no {models / 'fracture' / projection / f'group{group}' / 'best.pt'}"
+
+
+def predict_bone_age(images: pd.DataFrame, boneage_path: Path, args, device) -> None:
+    """Bone age in months for every readable image with a sex (the model needs it as an input)."""
+    import torch
+    images["bone_age_months"], images["boneage_skip"], images["boneage_detail"] = None, None, None
+    readable = ~images["skip_reason"].isin(IMAGE_PROBLEMS)
+    for index in images.index[readable & images["sex"].isna()]:
+        _skip_bone_age(images, index, "no sex", "give a sex column, --sex, or a DICOM with PatientSex")
+    model, checkpoint = common.load_trained_model(boneage_path, device)
+    wanted = images.index[readable & images["sex"].notna()]
+    for indices, squares, _ in _batches(images, wanted, checkpoint["image_size"], args.batch_size,
+                                        "bone age", _skip_bone_age):
+        male = torch.tensor([int(images.at[i, "sex"] == "M") for i in indices], dtype=torch.long)
+        images.loc[indices, "bone_age_months"] = _infer(model, squares, device, male).numpy().astype(float)
+
+
+def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -> None:
+    images.at[index, "boneage_skip"] = f"bone age: {reason}"
+    images.at[index, "boneage_detail"] = " ".join(str(detail).split())
+
+
+# ------------------------------------------------------------------------------------------------
+# The output tables: images, studies, skips
+# ------------------------------------------------------------------------------------------------
+
+def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
+    names = common.age_group_names(edges) if edges is not None else []
+    rows = images[["input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
+                   "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold", "model"]].copy()
+    rows["level"], rows["n_images"] = "image", 1
+    rows["age_group_name"] = [None if group is None else names[int(group)] for group in rows["age_group"]]
+    rows["fracture_pred"] = rows["fracture_pred"].astype("Int64")  # empty for a bone-age-only row
+    if args.boneage:
+        rows["bone_age_months"] = images["bone_age_months"].astype(float).round(1)
+    if args.cam:
+        rows["cam_path"] = images["cam_path"]
+    return rows.reset_index(drop=True)
+
+
+def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
+    """One row per study (common.study_table: max probability, positive if any image is)."""
+    scored = study_keys(images[images["study_id"].notna() & images["fracture_prob"].notna()])
+    if scored.empty:
+        return pd.DataFrame()
+    studies = common.study_table(scored.assign(fracture_pred=scored["fracture_pred"].astype(int),
+                                               fracture_prob=scored["fracture_prob"].astype(float),
+                                               raw_prob=scored["raw_prob"].astype(float)),
+                                 "fracture_prob", "fracture_pred", raw_prob=("raw_prob", "max"))
+    views = scored.groupby(["patient_id", "study_id", "laterality"])["projection"].agg(
+        lambda p: "+".join(sorted(set(p)))).rename("projection").reset_index()
+    studies = studies.merge(views, on=["patient_id", "study_id", "laterality"])
+    studies["laterality"] = studies["laterality"].replace("", None)
+    return studies.rename(columns={"prob": "fracture_prob", "decision": "fracture_pred"}).assign(level="study")
+
+
+def _output_columns(args) -> list[str]:
+    return ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
+            "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
+            "model", "n_images", *(["bone_age_months"] if args.boneage else []),
+            *(["cam_path"] if args.cam else [])]
+
+
+def _skip_table(images: pd.DataFrame, hide) -> pd.DataFrame:
+    """Every skip with its reason and the task it stops (`any` for a file no task can read); the
+    details (error messages may quote the path) through `hide`."""
+    fracture = images[images["skip_reason"].notna()]
+    frames = [pd.DataFrame({"input_path": fracture["input_path"], "reason": fracture["skip_reason"],
+                            "detail": fracture["skip_detail"],
+                            "task": np.where(fracture["skip_reason"].isin(IMAGE_PROBLEMS), "any", "fracture")})]
+    if "boneage_skip" in images:
+        bone = images[images["boneage_skip"].notna()]
+        frames.append(pd.DataFrame({"input_path": bone["input_path"], "reason": bone["boneage_skip"],
+                                    "detail": bone["boneage_detail"], "task": "bone age"}))
+    skipped = pd.concat(frames, ignore_index=True)
+    return skipped.assign(detail=skipped["detail"].map(hide, na_action="ignore"))
+
+
+def _print_summary(table: pd.DataFrame, skipped: pd.DataFrame, out_dir: Path, hide) -> None:
+    for row in skipped.head(SKIPS_SHOWN).itertuples():
+        common.log(f"skipped {row.input_path}: {row.reason}" + (f" ({row.detail})" if row.detail else ""))
+    if len(skipped) > SKIPS_SHOWN:
+        common.log(f"... and {len(skipped) - SKIPS_SHOWN} more skips listed in {hide(out_dir / 'skipped.csv')}")
+    images = table[table["level"] == "image"]
+    counts = Counter(skipped["reason"])
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none"
+    studies = int((table["level"] == "study").sum()) if len(table) else 0
+    common.log(f"07: predicted {len(images)} images" + (f" and {studies} studies" if studies else "")
+               + f"; skipped {len(skipped)} ({reasons}) -> {hide(out_dir / 'predictions.csv')}")
+
+
+# ------------------------------------------------------------------------------------------------
 # External validation: the predictions scored against a hospital's labels (metrics as in 04)
 # ------------------------------------------------------------------------------------------------
 
 EVALUATION_SUBGROUPS = ["projection", "age_group_name", "age_group_source", "sex", "laterality"]
-
-
-IMAGE_PROBLEMS = ("file not found", "unreadable image")  # 07's skips that no task can use
 
 
 def evaluate_predictions(images: pd.DataFrame, skipped: pd.DataFrame, edges, out_dir: Path, *, n_boot: int,
