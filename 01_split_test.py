@@ -95,6 +95,14 @@ def parse_args(argv=None):
     return args
 
 
+def parse_age_edges(text: str | Sequence[float]) -> tuple[float, ...]:
+    """'5,10,15' -> (5.0, 10.0, 15.0); strictly increasing and positive."""
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
+        raise common.InputError(f"--age-edges {text!r}: give strictly increasing positive years, e.g. 5,10,15")
+    return tuple(values)
+
+
 def main(argv=None):
     args = parse_args(argv)
     splits_dir = common.ensure_writable_dir(args.out / "splits")
@@ -245,8 +253,6 @@ def draw_wrist_test(wrist: pd.DataFrame, per_cell: int, seed: int) -> tuple[np.n
     return wrist.index.isin(test_rows), cells
 
 
-
-
 def format_shortfalls(cells: pd.DataFrame, per_cell: int) -> str:
     """A table of the age bins with an unfilled cell: images filled per projection and class."""
     short = cells[cells["age_bin"].isin(cells.loc[cells["shortfall"] > 0, "age_bin"])]
@@ -260,8 +266,6 @@ def format_shortfalls(cells: pd.DataFrame, per_cell: int) -> str:
             f"in all); images filled per cell:\n{table.to_string()}")
 
 
-
-
 def draw_boneage_test(boneage: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
     """A seeded draw of `fraction` of each (age_bin, sex) stratum; at least one where n >= 2."""
     rng = np.random.default_rng(seed)
@@ -272,18 +276,6 @@ def draw_boneage_test(boneage: pd.DataFrame, fraction: float, seed: int) -> np.n
             n_test = max(1, round(fraction * len(stratum)))
             test_rows.extend(rng.choice(stratum.index.to_numpy(), n_test, replace=False))
     return boneage.index.isin(test_rows)
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-
-def parse_age_edges(text: str | Sequence[float]) -> tuple[float, ...]:
-    """'5,10,15' -> (5.0, 10.0, 15.0); strictly increasing and positive."""
-    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
-    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
-        raise common.InputError(f"--age-edges {text!r}: give strictly increasing positive years, e.g. 5,10,15")
-    return tuple(values)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,10 @@ def split_boneage(args) -> dict[str, pd.DataFrame]:
     return {"train": pool[~is_val], "val": pool[is_val], "test": boneage_test}
 
 
+def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["age_bin", "sex", "id"])
+
+
 def read_test_report(out: Path) -> dict:
     path = Path(out) / "splits" / "test_report.json"
     if not path.is_file():
@@ -167,8 +171,6 @@ def check_test_rows_present(wrist_test: pd.DataFrame, wrist: pd.DataFrame, data:
                                 "the dataset changed since 01_split_test.py ran: rerun 01, then 02")
 
 
-
-
 def split_off_val(strata: pd.Series, groups: pd.Series | None, val_fraction: float, seed: int,
                   dataset: str) -> np.ndarray:
     """True for the rows of one fold of a stratified k-fold split, k = round(1/fraction), grouped
@@ -197,12 +199,6 @@ def split_off_val(strata: pd.Series, groups: pd.Series | None, val_fraction: flo
     is_val = np.zeros(len(strata), dtype=bool)
     is_val[val_rows] = True
     return is_val
-
-
-
-
-
-
 
 
 def leak_check_line(wrist_overlap: dict[str, int], boneage_overlap: dict[str, int]) -> str:
@@ -285,14 +281,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-
-def sort_boneage(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_values(["age_bin", "sex", "id"])
 
 
 if __name__ == "__main__":

@@ -120,6 +120,33 @@ def _classification_metrics(true_groups: np.ndarray, probs: np.ndarray) -> dict:
             "n": int(len(true_groups))}
 
 
+def classification_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Accuracy and macro-F1 of a multi-class prediction with patient-bootstrap 95% intervals
+    (macro-F1 over every class seen in `true` or `predicted`, 0 for a class with no true and no
+    predicted image in a resample: sklearn's f1_score(labels=..., zero_division=0), tested)."""
+    n_rows = len(np.asarray(true))
+    statistics = _classification_statistics(true, predicted)
+    return {"n": n_rows, **common.estimates_with_ci(statistics, n_rows, groups, n_boot, seed)}
+
+
+def _classification_statistics(true, predicted) -> Callable[[np.ndarray], dict]:
+    """weights [b, n_rows] -> accuracy and macro-F1 of each weighted resample."""
+    true, predicted = np.asarray(true), np.asarray(predicted)
+    classes = np.unique(np.concatenate([true, predicted]))
+
+    def statistics(weights):
+        per_class = []
+        for value in classes:
+            is_true, is_predicted = true == value, predicted == value
+            tp = weights @ (is_true & is_predicted)
+            wrong = weights @ (is_true ^ is_predicted)  # false positives + false negatives
+            per_class.append(np.nan_to_num(common._ratio(2 * tp, 2 * tp + wrong), nan=0.0))
+        return {"accuracy": common._ratio(weights @ (true == predicted), weights.sum(axis=1)),
+                "macro_f1": np.mean(per_class, axis=0)}
+
+    return statistics
+
+
 def _write_outputs(out_dir, frames, probs, names, args) -> dict:
     from sklearn.metrics import confusion_matrix
     rows = []
@@ -148,36 +175,6 @@ def _write_outputs(out_dir, frames, probs, names, args) -> dict:
     common.log(f"age router test: accuracy {test['accuracy']:.3f} [{test['accuracy_lo']:.3f}, "
                f"{test['accuracy_hi']:.3f}], macro F1 {test['macro_f1']:.3f} (n={test['n']}) -> {out_dir}")
     return metrics
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-
-def classification_metrics_with_ci(true, predicted, groups, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Accuracy and macro-F1 of a multi-class prediction with patient-bootstrap 95% intervals
-    (macro-F1 over every class seen in `true` or `predicted`, 0 for a class with no true and no
-    predicted image in a resample: sklearn's f1_score(labels=..., zero_division=0), tested)."""
-    n_rows = len(np.asarray(true))
-    return {"n": n_rows, **common.estimates_with_ci(_classification_statistics(true, predicted), n_rows, groups, n_boot, seed)}
-
-
-def _classification_statistics(true, predicted) -> Callable[[np.ndarray], dict]:
-    """weights [b, n_rows] -> accuracy and macro-F1 of each weighted resample."""
-    true, predicted = np.asarray(true), np.asarray(predicted)
-    classes = np.unique(np.concatenate([true, predicted]))
-
-    def statistics(weights):
-        per_class = []
-        for value in classes:
-            is_true, is_predicted = true == value, predicted == value
-            tp = weights @ (is_true & is_predicted)
-            wrong = weights @ (is_true ^ is_predicted)  # false positives + false negatives
-            per_class.append(np.nan_to_num(common._ratio(2 * tp, 2 * tp + wrong), nan=0.0))
-        return {"accuracy": common._ratio(weights @ (true == predicted), weights.sum(axis=1)),
-                "macro_f1": np.mean(per_class, axis=0)}
-
-    return statistics
 
 
 if __name__ == "__main__":

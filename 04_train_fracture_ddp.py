@@ -557,9 +557,10 @@ def write_fracture_summary(out_dir, frames, test_probs, rows, args) -> None:
         if scored.empty:
             common.log(f"no cascade_{route}: no test image has a {route}-group model (03 not run?)")
             continue
-        rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args,
-                                 f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""))
-        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}", prevalence, args)
+        missing = f"{len(table) - len(scored)} test images had no model" if len(scored) < len(table) else ""
+        rows.append(_summary_row(f"cascade_{route}_group", scored, f"calibrated_prob_route_{route}", args, missing))
+        points += _operating_points(f"cascade_{route}", scored, route, f"calibrated_prob_route_{route}",
+                                    prevalence, args)
     studies, note = _complete_studies(table, args, args.route)
     if not studies.empty:
         rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
@@ -661,7 +662,8 @@ def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -
             metrics = common.binary_metrics_with_ci(
                 members["label"], members["calibrated_prob_route_pred"], members["patient_id"], float("nan"),
                 args.bootstrap, args.seed, decisions=decisions[members.index])
-            subgroups.append({"subgroup": name, "value": value, **{k: v for k, v in metrics.items() if k != "threshold"}})
+            metrics.pop("threshold")
+            subgroups.append({"subgroup": name, "value": value, **metrics})
     common.write_csv(pd.DataFrame(subgroups), out_dir / "subgroups.csv")
 
 
@@ -695,8 +697,8 @@ def write_ablation(out_dir, test, arm_probs, args) -> None:
     ablation = pd.DataFrame(rows)
     common.write_csv(ablation, out_dir / "ablation.csv")
     common.write_csv(table, out_dir / "ablation_predictions.csv")  # each arm's probability per image
-    common.log("ablation, test AUC (95% CIs in ablation.csv):\n" + ablation.pivot(index="scope", columns="arm", values="auc")
-               .reindex(columns=arms).to_string(float_format=lambda v: f"{v:.3f}"))
+    aucs = ablation.pivot(index="scope", columns="arm", values="auc").reindex(columns=arms)
+    common.log("ablation, test AUC (95% CIs in ablation.csv):\n" + aucs.to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

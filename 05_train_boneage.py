@@ -55,6 +55,9 @@ PRESETS = {
     "demo": {"arch": "convnext_atto", "epochs": 10, "batch_size": 32, "lr": 2e-3, "patience": 5},
     "full": {"arch": "convnext_tiny", "epochs": 40, "batch_size": 32, "lr": 1e-4, "patience": 5},
 }
+# The bone-age test metrics are also given per band of years, the wrist models' default age groups.
+DEFAULT_AGE_EDGES = (5.0, 10.0, 15.0)
+BONEAGE_IMAGE_SIZE = {"demo": 96, "full": 512}
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ["id", "boneage", "male", "image_path"]
 
@@ -167,15 +170,11 @@ def read_boneage_split(out: Path, split: str) -> pd.DataFrame:
     return frame
 
 
-
-
 def l1_loss(predicted_months, batch):
     import torch.nn.functional as F
     # L1 rather than MSE: it is the reported metric, and a few mislabelled hands (bone age is read
     # by eye, +-1 year between readers) pull on it linearly instead of quadratically.
     return F.l1_loss(predicted_months, batch["target"].float())
-
-
 
 
 def predict_months(model, dataset, forward, args, info) -> np.ndarray:
@@ -218,14 +217,8 @@ def write_outputs(out_dir: Path, frames: dict, predicted: dict, train_mean: floa
 
 
 # ------------------------------------------------------------------------------------------------
-# Helpers
+# Figures: predicted against true bone age
 # ------------------------------------------------------------------------------------------------
-
-DEFAULT_AGE_EDGES = (5.0, 10.0, 15.0)
-
-
-BONEAGE_IMAGE_SIZE = {"demo": 96, "full": 512}
-
 
 def plot_scatter(true, predicted, path: Path, title: str, unit: str = "months") -> Path:
     from sklearn.metrics import mean_absolute_error

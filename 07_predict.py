@@ -267,7 +267,8 @@ def resolve_prediction_metadata(images: pd.DataFrame, study_salt: bytes, *, proj
         laterality = (row["csv_laterality"] or "").upper()
         images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
         images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), age)
-        images.at[index, "sex"], _ = _first_given(csv_sex and common.SEX_NAMES.get(csv_sex.lower()), tags.get("sex"), sex)
+        csv_sex = csv_sex and common.SEX_NAMES.get(csv_sex.lower())
+        images.at[index, "sex"], _ = _first_given(csv_sex, tags.get("sex"), sex)
         if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
             skip_image(images, index, "no projection", "give a projection column, --projection, or a "
                                                        "DICOM with ViewPosition or ViewCodeSequence")

@@ -1,22 +1,19 @@
-"""Shared code for the pediatric wrist radiograph pipeline.
+"""Shared code for the pediatric wrist radiograph pipeline: what two or more scripts use.
 
-Every numbered stage imports this one module; copy it next to any stage you reuse elsewhere.
-Sections, in order:
+Every numbered stage imports this one module; copy it next to any stage you reuse elsewhere. What
+one stage alone uses lives in that stage. Sections, in order (each header names its users):
 
-1. Command line, errors and small file helpers (atomic writes, run config)
-2. Data readers: GRAZPEDWRI-DX `dataset.csv`, hospital tables, 07's inputs and their view, age,
-   sex and study (CSV, DICOM header, flags), RSNA bone-age CSVs, image index, splits
-3. Age groups (the one definition every stage uses)
-4. Images: one loader for PNG/JPEG (8/16-bit) and DICOM, letterbox, preprocess-once cache; the
-   DICOM tags 07 may read, and keyed hashes for Study Instance UIDs and UID-named paths
-   4b. A run's fracture models and Grad-CAM++ overlays (06 and 07)
-5. Models and losses: timm factory, focal loss, GeM, bone-age model
-6. Distributed: setup/teardown, DDP-aware balanced sampler, gathering predictions
-7. Training loop shared by 03, 04 and 05 (resumable, early stopping, bf16 on CUDA)
-8. Metrics and plots: operating points, calibration, studies, patient-level bootstrap CIs, figures
-9. Experiment tracking: MLflow, shared by the training stages (the run report is 08_report.py)
-10. External validation: 07's predictions scored against a hospital's labels (metrics of 8)
-11. Fracture test evaluation of 04: operating points, studies, calibration, subgroups, ablation
+1. Data: GRAZPEDWRI-DX `dataset.csv` and the study's filters, hospital tables, RSNA bone-age CSVs,
+   image index, splits
+2. Age groups (the one definition every stage uses)
+3. Models and losses: timm factory, focal loss, GeM, bone-age model
+4. Images: one loader for PNG/JPEG (8/16-bit) and DICOM, letterbox, preprocess-once cache
+5. Training loop shared by 03, 04 and 05 (resumable, early stopping, bf16 on CUDA, callbacks)
+6. Distributed: setup/teardown, DDP-aware sampler, gathering predictions
+7. Metrics and plots: patient-bootstrap CIs, calibration, the study rule, figures
+8. Experiment tracking: MLflow, shared by the training stages (the run report is 08_report.py)
+9. A run's fracture models and Grad-CAM++ overlays (06 and 07)
+10. Command line, start-up, errors and small file helpers (atomic writes, run config)
 
 Nothing here does work at import time.
 """
@@ -1627,27 +1624,6 @@ def _primitives(values: dict) -> dict:
 # 6. Distributed: setup/teardown, DDP-aware sampler, gathering predictions (03, 04, 05)
 # ------------------------------------------------------------------------------------------------
 
-def import_torch() -> None:
-    """Import torch, torchvision and timm for this process with the cyclic garbage collector
-    paused, then freeze what they built out of its reach. A stage calls it before it first uses torch.
-
-    The three create millions of long-lived objects, which CPython's collector would traverse
-    again and again while they load and once more at exit. Measured on 2 cores: `import timm` plus
-    exit took 8.2-10.5 s plainly and 5.3-6.1 s this way, in every process a stage or torchrun
-    worker starts. gc.freeze() is CPython's own tool for objects made at start-up that live to the
-    end; nothing in the libraries does this for us.
-    """
-    import gc
-    if "timm" in sys.modules:
-        return  # imported already (a test calling main() in its own process): nothing to freeze
-    gc.disable()
-    try:
-        import timm  # noqa: F401 -- and with it torch and torchvision
-    finally:
-        gc.enable()
-        gc.freeze()
-
-
 @dataclass
 class DistInfo:
     rank: int
@@ -2461,8 +2437,29 @@ def write_png(rgb: np.ndarray, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# 10. Command line, errors and file helpers (every stage, run_all)
+# 10. Command line, start-up, errors and file helpers (every stage, run_all)
 # ------------------------------------------------------------------------------------------------
+
+def import_torch() -> None:
+    """Import torch, torchvision and timm for this process with the cyclic garbage collector
+    paused, then freeze what they built out of its reach. A stage calls it before it first uses torch.
+
+    The three create millions of long-lived objects, which CPython's collector would traverse
+    again and again while they load and once more at exit. Measured on 2 cores: `import timm` plus
+    exit took 8.2-10.5 s plainly and 5.3-6.1 s this way, in every process a stage or torchrun
+    worker starts. gc.freeze() is CPython's own tool for objects made at start-up that live to the
+    end; nothing in the libraries does this for us.
+    """
+    import gc
+    if "timm" in sys.modules:
+        return  # imported already (a test calling main() in its own process): nothing to freeze
+    gc.disable()
+    try:
+        import timm  # noqa: F401 -- and with it torch and torchvision
+    finally:
+        gc.enable()
+        gc.freeze()
+
 
 class InputError(SystemExit):
     """A problem with the user's input. Raised as SystemExit so the user sees one line, no traceback.

@@ -188,7 +188,8 @@ def _train_stage(stage: str, args, data: dict, report: dict, step) -> None:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc_per_node)]
     command = [*launcher, script, *flags]
     exit_status = step(stage, command)
-    size = importlib.import_module("05_train_boneage").BONEAGE_IMAGE_SIZE["full"] if stage == "05" else common.IMAGE_SIZE["full"]
+    sizes = importlib.import_module("05_train_boneage").BONEAGE_IMAGE_SIZE if stage == "05" else common.IMAGE_SIZE
+    size = sizes["full"]
     what = f"{stage} {DRY_ARCH if args.dry_run else preset['arch']} @{32 if args.dry_run else size} px"
     rows = pd.read_csv(history).to_dict("records") if history.is_file() else []
     peak = max((row["peak_gpu_mem_gb"] for row in rows if "peak_gpu_mem_gb" in row), default=None)

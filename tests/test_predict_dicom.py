@@ -146,7 +146,8 @@ def test_hide_uids_masks_uid_components_only():
     """UID folders and files (any suffix, any case) are hashed, one name per UID and run; numbers
     that are not UIDs (versions, probabilities, 3-part codes) stay readable."""
     salt, other_salt = b"k" * 16, b"j" * 16
-    hidden = predict_stage.hide_uids("/pacs/1.2.840.10008.5.1.4.1/1.2.3.4.5.6.dcm 'x/1.2.3.4.5.6.DCM': 2.25.1.1.dicom", salt)
+    hidden = predict_stage.hide_uids("/pacs/1.2.840.10008.5.1.4.1/1.2.3.4.5.6.dcm 'x/1.2.3.4.5.6.DCM': 2.25.1.1.dicom",
+                                     salt)
     names = re.findall(r"uid-[0-9a-f]{16}", hidden)
     assert len(names) == 4 and names[1] == names[2] != names[0]
     assert re.fullmatch(r"/pacs/uid-\w+/uid-\w+\.dcm 'x/uid-\w+\.DCM': uid-\w+\.dicom", hidden)

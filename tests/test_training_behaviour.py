@@ -287,13 +287,13 @@ def test_fit_augments_while_predict_and_batchnorm_recalibration_do_not(tiny_sets
                    tmp_path, epochs=1)
     by_caller = {name: {train_flag for caller, train_flag in calls if caller == name}
                  for name, _ in calls}
-    assert by_caller == {"fit": {True}, "recalibrate_batchnorm": {False}, "predict": {False}}
-    training_batches = sum(1 for caller, _ in calls if caller == "fit")
+    assert by_caller == {"_train_epoch": {True}, "recalibrate_batchnorm": {False}, "predict": {False}}
+    training_batches = sum(1 for caller, _ in calls if caller == "_train_epoch")
     assert len(augmented) == training_batches == len(train_set) // 16 * result["history"][-1]["epoch"]
 
 
 def test_no_stage_augments_outside_training():
-    """Every prepare_images call in the project passes train=False, except fit's training step."""
+    """Every prepare_images call in the project passes train=False, except fit's training epoch."""
     training_calls = []
     for path in sorted(ROOT.glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -306,7 +306,7 @@ def test_no_stage_augments_outside_training():
                 assert isinstance(flag, ast.Constant), f"{path.name}:{call.lineno}: train= must be a literal"
                 if flag.value is not False:
                     training_calls.append(f"{path.name}:{function.name}")
-    assert training_calls == ["common.py:fit"]
+    assert training_calls == ["common.py:_train_epoch"]
 
 
 def test_an_edit_to_code_that_lives_in_04_retrains_04(tmp_path, monkeypatch):
