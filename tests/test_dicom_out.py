@@ -8,7 +8,9 @@ Orthanc on 127.0.0.1 with its own storage and stores into it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -62,7 +64,7 @@ def pacs_models(models, tmp_path_factory) -> Path:  # noqa: F811
 
 @dataclass
 class Filed:
-    out: Path
+    """What one --dicom-out run wrote and said."""
     dicom_out: Path
     table: pd.DataFrame
     skipped: pd.DataFrame
@@ -89,15 +91,13 @@ FLAGS = ["--age", "11", "--projection", "AP", "--sex", "M", "--boneage"]
 
 @pytest.fixture(scope="module")
 def filed(predict, pacs_models, tmp_path_factory) -> Filed:  # noqa: F811
-    import contextlib
-    import io
     base = tmp_path_factory.mktemp("filed")
     sources = _worklist(base / "worklist")
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         table, skipped = run(predict, [base / "worklist"], pacs_models, base / "out", *FLAGS,
                              "--dicom-out", str(base / "pacs_out"))
-    return Filed(base / "out", base / "pacs_out", table, skipped, sources, log.getvalue())
+    return Filed(base / "pacs_out", table, skipped, sources, log.getvalue())
 
 
 def _items(dataset):
@@ -291,13 +291,14 @@ def test_store_into_a_real_orthanc(predict, pacs_models, orthanc, tmp_path, caps
     assert f"stored {len(written)} files into 127.0.0.1:{orthanc.dicom}:ORTHANC" in log
     for name in written:
         assert f"07: stored {name}" in log
+    radiographs = [pydicom.dcmread(path, stop_before_pixels=True) for path in sources.values()]
     for study_uid in {str(header.StudyInstanceUID) for header in written.values()}:
         (study,) = orthanc.get("/tools/lookup", data=study_uid.encode())
         assert study["Type"] == "Study"
-        instances = {item["MainDicomTags"]["SOPInstanceUID"] for item in orthanc.get(f"/studies/{study['ID']}/instances")}
-        expected = {str(h.SOPInstanceUID) for h in written.values() if h.StudyInstanceUID == study_uid}
-        expected |= {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sources.values()
-                     if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid}
+        listed = orthanc.get(f"/studies/{study['ID']}/instances")
+        instances = {item["MainDicomTags"]["SOPInstanceUID"] for item in listed}
+        expected = {str(header.SOPInstanceUID) for header in [*written.values(), *radiographs]
+                    if header.StudyInstanceUID == study_uid}
         assert instances == expected  # the sources, their SRs and SCs: one study
         modalities = [item["MainDicomTags"]["Modality"] for item in orthanc.get(f"/studies/{study['ID']}/series")]
         assert sorted(set(modalities)) == ["CR", "OT", "SR"]  # one new SR and one new SC series
