@@ -54,6 +54,23 @@ Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterali
         OUT/evaluation.json, EVALUATION.md, subgroups.csv, roc.png, pr.png, reliability.png
                              (a CSV with `fracture`): {"image": {...}, "study": {...}, "n_images", ...}
         OUT/config.json
+        DIR/ (--dicom-out DIR, outside OUT) for each DICOM input with a prediction, filed into its
+                             own study (new series and UIDs; patient and study modules copied):
+                             NNNNN_sr.dcm  a TID 1500 Structured Report: fracture present/absent,
+                                           the calibrated and raw probability, the thresholds and
+                                           their rule, the algorithm (architecture, model sha256,
+                                           code version), bone age with --boneage, the source image
+                             NNNNN_sc.dcm  an RGB Secondary Capture: the Grad-CAM++ overlay with one
+                                           line burned in: probability, decision, not for diagnostic use
+                             study_NNN_sr.dcm  per study, its images and the study decision (the
+                                           study rule above)
+                             manifest.csv  predictions.csv's input_path -> the files written for it
+                             store_report.csv  (--store) per file: stored or failed, and why
+        These DICOM objects carry the patient's name and IDs, by design: they go back into the
+        patient's record. Everything in OUT stays de-identified. A PNG/JPEG input is a counted
+        skip for DIR only ("no DICOM source to file the result into"): its prediction stays.
+        --store HOST:PORT:AET sends DIR's new files with one C-STORE association; a refused
+        association or a failed file is a one-line error, and the files stay in DIR.
 
 Run:
   python 07_predict.py new_images/                        # models from outputs/, CSV to outputs/predictions/
@@ -62,14 +79,17 @@ Run:
   python 07_predict.py hands/ --projection AP --sex F --boneage
   python 07_predict.py hands/ --sex F --boneage --models bone_age_run/   # a run with only 05's model
   python 07_predict.py hospital_table.csv --models outputs --out external/   # external validation
+  python 07_predict.py worklist/ --dicom-out pacs_out/ --store PACSHOST:104:PACS_AET   # results into the PACS
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
 import secrets
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -104,12 +124,20 @@ def parse_args(argv=None):
                         help="patient resamples for the evaluation's 95%% CIs (default: 1000)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run (default: auto = CUDA if visible)")
+    parser.add_argument("--dicom-out", type=Path, metavar="DIR",
+                        help="also write a DICOM SR and an overlay per DICOM input into DIR, filed into its "
+                             "study; they carry the patient's identifiers (default: none)")
+    parser.add_argument("--store", metavar="HOST:PORT:AET",
+                        help="send what --dicom-out wrote to this DICOM server with C-STORE (default: none)")
+    parser.add_argument("--calling-aet", default="PEDWRIST",
+                        help="our AE title for --store, as the PACS knows it (default: PEDWRIST)")
     args = parser.parse_args(argv)
     if args.age is not None and not 0 <= args.age < 30:
         parser.error(f"--age {args.age:g}: give the age in years (0 to 30)")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     args.out = args.out or args.models / "predictions"
+    _check_dicom_flags(args)
     return args
 
 
@@ -137,14 +165,17 @@ def main(argv=None):
     images[["input_path", "study_id"]] = images[["input_path", "study_id"]].map(hide, na_action="ignore")
     common.log(f"07: {len(images)} input images; models from {hide(args.models)}")
     resolve_prediction_metadata(images, salt, projection=args.projection, age=args.age, sex=args.sex)
+    dicom_out = DicomResults(args.dicom_out, args.models, images, hide) if args.dicom_out else None
     if fracture_models:
         assign_age_groups(images, edges, args.models / "age" / "best.pt", args, device)
-        predict_fractures(images, fracture_models, edges, args, device, out_dir)
+        predict_fractures(images, fracture_models, edges, args, device, out_dir, dicom_out)
     else:
         common.log(f"07: no fracture models under {hide(args.models / 'fracture')}: bone age only")
         _no_fracture_track(images)
     if args.boneage:
         predict_bone_age(images, boneage_path, args, device)
+    if dicom_out:
+        dicom_out.file_reports(images, boneage_path if args.boneage else None)
 
     predicted = images["fracture_prob"].notna()
     if args.boneage:
@@ -158,6 +189,8 @@ def main(argv=None):
         evaluate_predictions(images, skipped, edges, out_dir, n_boot=args.bootstrap, hide=hide)
     common.write_run_config(out_dir, args, hide=hide, models=str(args.models.resolve()))
     _print_summary(table, skipped, out_dir, hide)
+    if args.store:
+        store_results(dicom_out, _store_target(args.store), args.calling_aet)
     return table
 
 
@@ -252,23 +285,25 @@ def resolve_prediction_metadata(images: pd.DataFrame, study_salt: bytes, *, proj
                 skip_image(images, index, "unreadable image", f"DICOM header: {type(error).__name__}: {error}")
                 continue
         csv_projection, csv_age, csv_sex = row["csv_projection"], row["csv_age"], row["csv_sex"]
-        if csv_projection is not None and csv_projection.lower() not in common.PROJECTION_NAMES:
-            skip_image(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
-            continue
+        # Study, side and sex first: a view or an age the fracture models cannot use stops the
+        # fracture prediction only, and bone age (--boneage) needs the sex of such an image too.
+        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
+        laterality = (row["csv_laterality"] or "").upper()
+        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
+        csv_sex = csv_sex and common.SEX_NAMES.get(csv_sex.lower())
+        images.at[index, "sex"], _ = _first_given(csv_sex, tags.get("sex"), sex)
         if csv_age is not None and not _is_age(csv_age):
             skip_image(images, index, "age not a number of years", f"CSV age {csv_age!r}")
+            continue
+        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), age)
+        if csv_projection is not None and csv_projection.lower() not in common.PROJECTION_NAMES:
+            skip_image(images, index, "projection not AP or Lat", f"CSV projection {csv_projection!r}")
             continue
         if csv_projection is None and tags.get("projection") == "other":
             skip_image(images, index, "projection not AP or Lat", f"DICOM {tags['view_source']} names another view")
             continue
         images.at[index, "projection"], images.at[index, "projection_source"] = _first_given(
             csv_projection and common.PROJECTION_NAMES[csv_projection.lower()], tags.get("projection"), projection)
-        images.at[index, "study_id"] = row["study_id"] or tags.get("study_key")
-        laterality = (row["csv_laterality"] or "").upper()
-        images.at[index, "laterality"] = laterality if laterality in ("L", "R") else tags.get("laterality")
-        images.at[index, "age"], _ = _first_given(csv_age and float(csv_age), tags.get("age"), age)
-        csv_sex = csv_sex and common.SEX_NAMES.get(csv_sex.lower())
-        images.at[index, "sex"], _ = _first_given(csv_sex, tags.get("sex"), sex)
         if images.at[index, "projection"] is None:  # bone age (--boneage) needs none
             skip_image(images, index, "no projection", "give a projection column, --projection, or a "
                                                        "DICOM with ViewPosition or ViewCodeSequence")
@@ -458,9 +493,9 @@ def _infer(model, squares: np.ndarray, device, *extra):
 
 
 def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
-                      ) -> None:
+                      dicom_out: DicomResults | None = None) -> None:
     """Run each (projection, age group) model on its images; with --cam also write Grad-CAM++
-    overlays (common's, as 06 draws them)."""
+    overlays (common's, as 06 draws them); with --dicom-out file them as Secondary Captures."""
     import torch
     for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "model", "cam_path"):
         images[column] = None
@@ -487,6 +522,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
             images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
             images.loc[indices, "threshold"] = float(common.apply_calibration([threshold], calibration)[0])
             images.loc[indices, "model"] = relative
+            cams = None  # the --cam maps serve --dicom-out too
             if args.cam:
                 cams, _ = common.grad_cam_plus_plus(model, squares, device)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
@@ -496,6 +532,8 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
                                                      common.caption(float(prob), threshold))
                     common.write_png(overlay, out_dir / "gradcam" / name)
                     images.at[index, "cam_path"] = f"gradcam/{name}"
+            if dicom_out:
+                dicom_out.file_overlays(images, indices, squares, boxes, cams, model, device)
         del model
 
 
@@ -574,16 +612,19 @@ def _output_columns(args) -> list[str]:
 
 
 def _skip_table(images: pd.DataFrame, hide) -> pd.DataFrame:
-    """Every skip with its reason and the task it stops (`any` for a file no task can read); the
-    details (error messages may quote the path) through `hide`."""
+    """Every skip with its reason and the task it stops (`any` for a file no task can read, `dicom
+    out` for a result that cannot be filed); the details (error messages may quote the path) through
+    `hide`."""
     fracture = images[images["skip_reason"].notna()]
     frames = [pd.DataFrame({"input_path": fracture["input_path"], "reason": fracture["skip_reason"],
                             "detail": fracture["skip_detail"],
                             "task": np.where(fracture["skip_reason"].isin(IMAGE_PROBLEMS), "any", "fracture")})]
-    if "boneage_skip" in images:
-        bone = images[images["boneage_skip"].notna()]
-        frames.append(pd.DataFrame({"input_path": bone["input_path"], "reason": bone["boneage_skip"],
-                                    "detail": bone["boneage_detail"], "task": "bone age"}))
+    for task, reason, detail in (("bone age", "boneage_skip", "boneage_detail"),
+                                 ("dicom out", "dicom_out_skip", "dicom_out_detail")):
+        if reason in images:  # a task's own skips: the image may still have its other results
+            skips = images[images[reason].notna()]
+            frames.append(pd.DataFrame({"input_path": skips["input_path"], "reason": skips[reason],
+                                        "detail": skips[detail], "task": task}))
     skipped = pd.concat(frames, ignore_index=True)
     return skipped.assign(detail=skipped["detail"].map(hide, na_action="ignore"))
 
@@ -769,6 +810,418 @@ def _evaluation_markdown(result: dict, subgroups: pd.DataFrame) -> str:
         lines.append("")
     lines += ["![ROC](roc.png) ![PR](pr.png) ![reliability](reliability.png)", ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results into the PACS (--dicom-out, --store): per DICOM input a TID 1500 Structured Report and a
+# Grad-CAM++ Secondary Capture, filed into the source's study and sent with C-STORE. These objects
+# carry the patient's identifiers on purpose (they go back into the record); nothing else does.
+# ------------------------------------------------------------------------------------------------
+
+NO_DICOM_SOURCE = "no DICOM source to file the result into"
+# A private coding scheme ("99" + a name, DICOM PS3.16 8.2) for values no standard code names:
+# this pipeline's calibrated and raw probabilities, its thresholds and its bone-age estimate.
+PRIVATE_CODES = "99PEDWRIST"
+SERIES_DESCRIPTIONS = {"SR": "AI fracture detection SR, not for diagnostic use",
+                       "OT": "AI fracture overlay, not for diagnostic use"}
+MANUFACTURER = "pediatric wrist research pipeline"
+STORE_TIMEOUT_S = 30  # per network step; a PACS that does not answer in this time is down
+STORE_WARNINGS = {0xB000, 0xB006, 0xB007}  # stored, with coercion or elements discarded
+
+
+def _check_dicom_flags(args) -> None:
+    """--dicom-out outside OUT (OUT is the de-identified zone), --store only with --dicom-out."""
+    if args.dicom_out and args.dicom_out.resolve().is_relative_to(args.out.resolve()):
+        raise common.InputError(f"--dicom-out {args.dicom_out} is inside --out {args.out}, which stays "
+                                "de-identified; give a folder outside it")
+    if args.store and not args.dicom_out:
+        raise common.InputError("--store sends what --dicom-out writes; add --dicom-out DIR")
+    _ae_title(args.calling_aet, "--calling-aet")
+    if args.store:
+        _store_target(args.store)
+
+
+def _store_target(text: str) -> tuple[str, int, str]:
+    """'HOST:PORT:AET' as (host, port, called AE title), or a one-line error."""
+    host, port, aet = ([None, None, None] + text.rsplit(":", 2))[-3:]
+    if not host or port is None:
+        raise common.InputError(f"--store {text}: give HOST:PORT:AET, e.g. pacs.hospital.org:104:PACS")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise common.InputError(f"--store {text}: the port {port!r} is not a number from 1 to 65535")
+    return host, int(port), _ae_title(aet, f"--store {text}: the AE title")
+
+
+def _ae_title(title: str, what: str) -> str:
+    if not title.strip() or len(title) > 16 or "\\" in title or not title.isprintable() or not title.isascii():
+        raise common.InputError(f"{what} {title!r}: an AE title is 1 to 16 printable ASCII characters, "
+                                "no backslash")
+    return title
+
+
+class DicomResults:
+    """What --dicom-out files in one run: per source study one new SR series and one new SC
+    series, an SC per image while its batch is in memory, the SRs once every value is known."""
+
+    def __init__(self, folder: Path, models: Path, images: pd.DataFrame, hide):
+        self.folder, self.models, self.hide = Path(folder), Path(models), hide
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise common.InputError(f"--dicom-out {folder}: cannot create it ({error.strerror})") from None
+        images["dicom_out_skip"], images["dicom_out_detail"] = None, None
+        self.version = f"code {common.code_fingerprint(main)}"  # 07_predict.py and common.py
+        # Series numbers after the modality's own (1, 2, ...), different from one run to the next.
+        self.series_number = 9000 + secrets.randbelow(900)
+        self.series = {}     # (StudyInstanceUID, modality) -> [series UID, series number, last instance]
+        self.filed = {}      # image index -> {"study_uid", "sc", "sr"}
+        self.files = []      # the names written, in order: what --store sends
+        self.algorithms = {}
+
+    def file_overlays(self, images: pd.DataFrame, indices, squares, boxes, cams, model, device) -> None:
+        """A Secondary Capture per DICOM image of a batch: its Grad-CAM++ overlay, drawn as --cam
+        draws it (the --cam maps when given), with the decision and "not for diagnostic use"."""
+        chosen = [i for i, index in enumerate(indices) if common.is_dicom(images.at[index, "path"])]
+        if not chosen:
+            return
+        cams = common.grad_cam_plus_plus(model, squares[chosen], device)[0] if cams is None else cams[chosen]
+        for i, cam in zip(chosen, cams):
+            index = indices[i]
+            text = common.caption(float(images.at[index, "fracture_prob"]), float(images.at[index, "threshold"]))
+            try:
+                overlay = common.render_overlay(images.at[index, "path"], cam, boxes[i],
+                                                f"{text} | not for diagnostic use")
+                source = _source_header(images.at[index, "path"])
+                capture = self._secondary_capture(source, overlay, images.at[index, "laterality"])
+                self.filed[index] = {"study_uid": str(source.StudyInstanceUID),
+                                     "sc": self._write(capture, f"{index:05d}_sc.dcm")}
+            except Exception as error:  # noqa: BLE001 -- one odd header must not stop the run
+                self._skip(images, index, "cannot file the result", f"{type(error).__name__}: {error}")
+
+    def file_reports(self, images: pd.DataFrame, boneage_path: Path | None) -> None:
+        """An SR per image with a result (the SC's image, or a bone age alone), one per study,
+        and DIR/manifest.csv; a PNG or JPEG with a result is a counted skip."""
+        rows = []
+        has_result = images["fracture_prob"].notna()
+        if "bone_age_months" in images:
+            has_result |= images["bone_age_months"].notna()
+        for index in images.index[has_result & images["dicom_out_skip"].isna()]:
+            if not common.is_dicom(images.at[index, "path"]):
+                self._skip(images, index, NO_DICOM_SOURCE, "")
+                continue
+            try:
+                source = _source_header(images.at[index, "path"])
+                groups = self._image_groups(images.loc[index], source, boneage_path)
+                filed = self.filed.setdefault(index, {"study_uid": str(source.StudyInstanceUID)})
+                filed["sr"] = self._write(self._report(groups, [source]), f"{index:05d}_sr.dcm")
+            except Exception as error:  # noqa: BLE001 -- one odd header must not stop the run
+                self._skip(images, index, "cannot file the result", f"{type(error).__name__}: {error}")
+                continue
+            rows.append({"level": "image", **images.loc[index, ["input_path", "study_id", "laterality"]].to_dict(),
+                         "sr_file": filed["sr"], "sc_file": filed.get("sc")})
+        rows += self._file_study_reports(images)
+        common.write_csv(pd.DataFrame(rows, columns=["level", "input_path", "study_id", "laterality", "sr_file",
+                                                     "sc_file"]), self.folder / "manifest.csv")
+        common.log(f"07: {len(self.files)} DICOM objects -> {self.hide(self.folder)} (they carry the patient's "
+                   "name and IDs, by design)")
+
+    def _skip(self, images: pd.DataFrame, index, reason: str, detail: str) -> None:
+        """The image gets nothing in DIR (an SC already written for it is taken back)."""
+        images.at[index, "dicom_out_skip"] = f"DICOM out: {reason}"
+        images.at[index, "dicom_out_detail"] = " ".join(str(detail).split())
+        for name in (self.filed.pop(index, {}).get(kind) for kind in ("sc", "sr")):
+            if name:
+                (self.folder / name).unlink(missing_ok=True)
+                self.files.remove(name)
+
+    def _file_study_reports(self, images: pd.DataFrame) -> list[dict]:
+        """One SR per study row of predictions.csv whose images were all filed into one DICOM
+        study: the study decision by 07's rule (_study_rows), then each image's group."""
+        scored = images[images["fracture_prob"].notna()]
+        keyed = study_keys(scored[scored["study_id"].notna()])
+        rows = []
+        for number, study in enumerate(_study_rows(scored).itertuples()):
+            members = keyed.index[(keyed["patient_id"] == study.patient_id) & (keyed["study_id"] == study.study_id)
+                                  & (keyed["laterality"] == (study.laterality or ""))]
+            filed = [self.filed[index] for index in members if "sr" in self.filed.get(index, {})]
+            if not filed:
+                continue  # PNGs, or DICOMs counted as skips: nothing to summarise
+            if len(filed) < len(members) or len({entry["study_uid"] for entry in filed}) != 1:
+                common.log(f"07: study {study.study_id}: its images are not all filed into one DICOM study; "
+                           "no study SR")
+                continue
+            sources = [_source_header(images.at[index, "path"]) for index in members]
+            try:
+                groups = [self._study_group(study, sources)]
+                groups += [self._fracture_group(images.loc[index], source) for index, source in zip(members, sources)]
+                name = self._write(self._report(groups, sources), f"study_{number:03d}_sr.dcm")
+            except Exception as error:  # noqa: BLE001 -- the images' own SRs are filed already
+                common.log(self.hide(f"07: study {study.study_id}: no study SR ({type(error).__name__}: {error})"))
+                continue
+            rows.append({"level": "study", "study_id": study.study_id, "laterality": study.laterality,
+                         "sr_file": name})
+        return rows
+
+    def _image_groups(self, image: pd.Series, source, boneage_path: Path | None) -> list:
+        groups = [self._fracture_group(image, source)] if pd.notna(image["fracture_prob"]) else []
+        if boneage_path is not None and pd.notna(image.get("bone_age_months")):
+            groups.append(self._bone_age_group(round(float(image["bone_age_months"]), 1), source, boneage_path))
+        return groups
+
+    def _fracture_group(self, image: pd.Series, source):
+        """TID 1501: fracture present/absent at the model's threshold, both probabilities and
+        both thresholds (predictions.csv's values), the algorithm, the source image."""
+        import highdicom as hd
+        facts = self._algorithm(image["model"])
+        probability = _probability_unit()
+        present = int(image["fracture_pred"]) == 1
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
+                                                         identifier=f"wrist fracture, {image['projection']} view"),
+            finding_type=_fracture_code(), finding_sites=_wrist(image["laterality"]),
+            algorithm_id=hd.sr.AlgorithmIdentification(name=facts["arch"], version=self.version,
+                                                       parameters=facts["parameters"]),
+            measurements=[
+                hd.sr.Measurement(_private("fracture-prob", "Fracture probability (calibrated)"),
+                                  float(image["fracture_prob"]), probability),
+                hd.sr.Measurement(_private("raw-prob", "Fracture probability (model output)"),
+                                  float(image["raw_prob"]), probability),
+                hd.sr.Measurement(_private("threshold", "Decision threshold (calibrated)"),
+                                  float(image["threshold"]), probability),
+                hd.sr.Measurement(_private("raw-threshold", "Decision threshold (model output)"),
+                                  facts["raw_threshold"], probability)],
+            qualitative_evaluations=[_fracture_finding(present)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+
+    def _bone_age_group(self, months: float, source, boneage_path: Path):
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+        facts = self._algorithm(boneage_path.relative_to(self.models).as_posix())
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="bone age"),
+            algorithm_id=hd.sr.AlgorithmIdentification(name=facts["arch"], version=self.version,
+                                                       parameters=facts["parameters"]),
+            measurements=[hd.sr.Measurement(_private("bone-age", "Bone age (model estimate)"), months,
+                                            codes.UCUM.Month)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+
+    def _study_group(self, study, sources: list):
+        import highdicom as hd
+        probability = _probability_unit()
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"wrist fracture, study of "
+                                                                                  f"{len(sources)} images"),
+            finding_type=_fracture_code(), finding_sites=_wrist(study.laterality),
+            algorithm_id=hd.sr.AlgorithmIdentification(name="07 study rule", version=self.version, parameters=[
+                "study probability: the highest of its images", "fracture present when any image is positive "
+                "at its own model's threshold (AP and Lat models have different thresholds)"]),
+            measurements=[
+                hd.sr.Measurement(_private("study-prob", "Study fracture probability (calibrated, max)"),
+                                  float(study.fracture_prob), probability),
+                hd.sr.Measurement(_private("study-raw-prob", "Study fracture probability (model output, max)"),
+                                  float(study.raw_prob), probability)],
+            qualitative_evaluations=[_fracture_finding(int(study.fracture_pred) == 1)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources])
+
+    def _algorithm(self, relative: str) -> dict:
+        """Architecture, file hash, threshold rule and calibration of a model, read once per run."""
+        if relative not in self.algorithms:
+            path = self.models / relative
+            checkpoint = common.load_checkpoint(path)
+            parameters = [f"model file {relative}", f"model sha256 {_sha256(path)}"]
+            if "threshold" in checkpoint:
+                rule = _threshold_rule(self.models, checkpoint)
+                parameters += [f"decision: fracture when the model output >= {checkpoint['threshold']:.4f} ({rule}); "
+                               "the calibrated threshold gives the same decision",
+                               f"calibration: {(checkpoint.get('calibration') or {}).get('method', 'none')}, "
+                               "fitted on validation"]
+            self.algorithms[relative] = {"arch": checkpoint["arch"], "parameters": parameters,
+                                         "raw_threshold": float(checkpoint.get("threshold", 0.5))}
+        return self.algorithms[relative]
+
+    def _report(self, groups: list, sources: list):
+        """A Comprehensive 3D SR holding a TID 1500 Measurement Report, in the sources' study."""
+        import highdicom as hd
+        from highdicom.coding_schemes import CodingSchemeIdentificationItem
+        from pydicom.sr.codedict import codes
+        from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+        device = hd.sr.DeviceObserverIdentifyingAttributes(  # the same UID for the same code version
+            uid=generate_uid(entropy_srcs=[MANUFACTURER, self.version]), name="pediatric wrist fracture detection",
+            manufacturer_name=MANUFACTURER)
+        context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+        content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.SCT.PlainRadiography,
+                                          imaging_measurements=groups)
+        series_uid, series_number, instance = self._next_instance(str(sources[0].StudyInstanceUID), "SR")
+        with _person_names_unlogged():
+            return hd.sr.Comprehensive3DSR(
+                evidence=sources, content=content, series_instance_uid=series_uid, series_number=series_number,
+                sop_instance_uid=hd.UID(), instance_number=instance, manufacturer=MANUFACTURER, is_complete=True,
+                series_description=SERIES_DESCRIPTIONS["SR"], manufacturer_model_name="07_predict.py",
+                software_versions=self.version, content_qualification="RESEARCH",
+                coding_schemes=[CodingSchemeIdentificationItem(PRIVATE_CODES, name=f"{MANUFACTURER} values")],
+                transfer_syntax_uid=ExplicitVRLittleEndian)
+
+    def _secondary_capture(self, source, overlay: np.ndarray, laterality):
+        import highdicom as hd
+        from pydicom.uid import ExplicitVRLittleEndian
+        series_uid, series_number, instance = self._next_instance(str(source.StudyInstanceUID), "OT")
+        with _person_names_unlogged():
+            capture = hd.sc.SCImage.from_ref_dataset(
+                source, np.ascontiguousarray(overlay), "RGB", 8, "PATIENT", series_instance_uid=series_uid,
+                series_number=series_number, sop_instance_uid=hd.UID(), instance_number=instance,
+                manufacturer=MANUFACTURER, laterality=laterality or None,
+                # highdicom asks for an orientation; the overlay keeps the source's rows and columns
+                # (a caption banner above), so it takes the source's value, set below, even empty.
+                patient_orientation=("L", "F"), series_description=SERIES_DESCRIPTIONS["OT"],
+                manufacturer_model_name="07_predict.py", software_versions=self.version,
+                content_qualification="RESEARCH", transfer_syntax_uid=ExplicitVRLittleEndian)
+        capture.PatientOrientation = source.get("PatientOrientation", "")
+        if "Laterality" not in capture:
+            capture.Laterality = ""  # Type 2C: known to be unknown
+        capture.BurnedInAnnotation = "YES"  # the caption (no identifier in it)
+        return capture
+
+    def _next_instance(self, study_uid: str, modality: str) -> tuple[str, int, int]:
+        """(series UID, series number, instance number): one new series per study and kind."""
+        import highdicom as hd
+        number = self.series_number + (modality == "OT")
+        entry = self.series.setdefault((study_uid, modality), [hd.UID(), number, 0])
+        entry[2] += 1
+        return entry[0], entry[1], entry[2]
+
+    def _write(self, dataset, name: str) -> str:
+        """Atomically: --store must never send a half-written file of a crashed run."""
+        with common.atomic_path(self.folder / name) as tmp:
+            dataset.save_as(tmp, enforce_file_format=True)
+        if name not in self.files:
+            self.files.append(name)
+        return name
+
+
+@contextlib.contextmanager
+def _person_names_unlogged():
+    """highdicom warns about a one-part person name (a ReferringPhysicianName 'WARD') and quotes
+    it: no name from the source may reach the log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The string .* person name")
+        yield
+
+
+def _source_header(path: Path):
+    """The source's header without pixels, with the patient and study attributes highdicom copies
+    present: empty where the source has none (DICOM allows them empty, Type 2)."""
+    import pydicom
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not header.get(keyword):
+            raise ValueError(f"the DICOM header has no {keyword}")
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+def _private(value: str, meaning: str):
+    from highdicom.sr import CodedConcept
+    return CodedConcept(value, PRIVATE_CODES, meaning)
+
+
+def _probability_unit():
+    from highdicom.sr import CodedConcept
+    return CodedConcept("{probability}", "UCUM", "probability")
+
+
+def _fracture_code():
+    from highdicom.sr import CodedConcept
+    return CodedConcept("72704001", "SCT", "Fracture")  # the morphologic abnormality
+
+
+def _fracture_finding(present: bool):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    return hd.sr.QualitativeEvaluation(_fracture_code(), codes.SCT.Present if present else codes.SCT.Absent)
+
+
+def _wrist(laterality) -> list:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    side = {"L": codes.SCT.Left, "R": codes.SCT.Right}.get(laterality or "")
+    return [hd.sr.FindingSite(codes.SCT.WristJoint, laterality=side)]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _threshold_rule(models: Path, checkpoint: dict) -> str:
+    """How 04 chose the threshold: summary.csv's threshold_source for the model (a small group
+    borrows the pooled model's), else the rule 04 applies by default."""
+    summary = models / "fracture" / "summary.csv"
+    if summary.is_file():
+        rows = pd.read_csv(summary, dtype=str, keep_default_na=False)
+        match = rows[(rows["kind"] == "model") & (rows["projection"] == checkpoint.get("projection"))
+                     & (rows["age_group"] == str(checkpoint.get("age_group")))]
+        if "threshold_source" in rows and not match.empty and match["threshold_source"].iloc[0]:
+            return f"chosen by {match['threshold_source'].iloc[0]}"
+    return "chosen by Youden's J on validation"
+
+
+def store_results(results: DicomResults, target: tuple[str, int, str], calling_aet: str) -> None:
+    """C-STORE every file this run wrote, over one association; DIR/store_report.csv says per file
+    what was stored. Whatever fails, the files stay in DIR for the next try."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+    host, port, called = target
+    where, kept = f"{host}:{port}:{called}", f"the files stay in {results.hide(results.folder)}"
+    if not results.files:
+        common.log(f"07: --store {where}: nothing was written to send")
+        return
+    entity = AE(ae_title=calling_aet)
+    for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+        entity.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    entity.acse_timeout = entity.dimse_timeout = entity.network_timeout = STORE_TIMEOUT_S
+    association = entity.associate(host, port, ae_title=called)
+    if not association.is_established:
+        problem = (f"the server rejected the association (does it know the calling AE title {calling_aet}?)"
+                   if association.is_rejected else "no DICOM server answered there")
+        raise common.InputError(f"--store {where}: {problem}; nothing was sent, {kept}")
+    rows = []
+    try:
+        for name in results.files:
+            row = {"file": name, **_store_one(association, results.folder / name)}
+            common.log(f"07: {row['status']} {name}" + (f" ({row['detail']})" if row["detail"] else ""))
+            rows.append(row)
+    finally:
+        association.release()
+    report = common.write_csv(pd.DataFrame(rows, columns=["file", "status", "detail"]),
+                              results.folder / "store_report.csv")
+    failed = sum(row["status"] != "stored" for row in rows)
+    if failed:
+        raise common.InputError(f"--store {where}: {failed} of {len(rows)} files not stored (see "
+                                f"{results.hide(report)}); {kept}")
+    common.log(f"07: stored {len(rows)} files into {where}")
+
+
+def _store_one(association, path: Path) -> dict:
+    try:
+        status = association.send_c_store(path)
+    except Exception as error:  # noqa: BLE001 -- e.g. no accepted presentation context for the file
+        return {"status": "failed", "detail": " ".join(f"{type(error).__name__}: {error}".split())}
+    if "Status" not in status:
+        return {"status": "failed", "detail": "no answer (association lost or timed out)"}
+    code = int(status.Status)
+    if code == 0:
+        return {"status": "stored", "detail": ""}
+    comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+    return {"status": "stored" if code in STORE_WARNINGS else "failed", "detail": f"status 0x{code:04X}{comment}"}
+
 
 
 if __name__ == "__main__":

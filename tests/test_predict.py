@@ -241,6 +241,16 @@ def test_bone_age_and_grad_cam(predict, models, tmp_path):
     assert cv2.imread(str(first), cv2.IMREAD_UNCHANGED).shape == (100, 80)
 
 
+def test_a_view_the_fracture_models_cannot_use_still_gets_its_bone_age(predict, models, tmp_path):
+    """An oblique hand is a fracture skip only: its sex is read all the same, for --boneage."""
+    write_png16(tmp_path / "hands" / "h1.png", seed=1, shape=(100, 80))
+    csv = tmp_path / "hands.csv"
+    csv.write_text("path,sex,projection,age\nhands/h1.png,F,oblique,9\n")
+    table, skipped = run(predict, [csv], models, tmp_path / "out", "--boneage")
+    assert 0 < table.loc[0, "bone_age_months"] < 240 and pd.isna(table.loc[0, "fracture_prob"])
+    assert skipped[["reason", "task"]].values.tolist() == [["projection not AP or Lat", "fracture"]]
+
+
 def test_bad_inputs_fail_in_one_line(predict, models, tmp_path):
     with pytest.raises(common.InputError, match="no such folder, CSV or image file"):
         predict.main([str(tmp_path / "nowhere.png"), "--models", str(models)])
