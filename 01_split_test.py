@@ -214,8 +214,8 @@ def draw_wrist_test(wrist: pd.DataFrame, per_cell: int, seed: int) -> tuple[np.n
     patients = np.sort(candidates["patient_id"].unique())
     patient_rank = dict(zip(patients, rng.permutation(len(patients))))
 
-    images_of_patient: dict[int, list[tuple[int, tuple]]] = {}
-    patients_of_cell: dict[tuple, list[int]] = {}
+    images_of_patient: dict[str, list[tuple[int, tuple]]] = {}
+    patients_of_cell: dict[tuple, list[str]] = {}
     for row, patient, projection, age_bin, label in zip(
             candidates.index, candidates["patient_id"], candidates["projection_name"],
             candidates["age_bin"], candidates["label"]):
@@ -231,7 +231,7 @@ def draw_wrist_test(wrist: pd.DataFrame, per_cell: int, seed: int) -> tuple[np.n
     # Scarcest cells first: their patients must be taken anyway, and the images those patients
     # bring to common cells fill them for free. The other way round, a scarce cell's patients
     # would arrive after the common cells were full, and their other images would be quarantined.
-    chosen: set[int] = set()
+    chosen: set[str] = set()
     test_rows: list[int] = []
     for cell in sorted(all_cells, key=lambda c: (len(patients_of_cell.get(c, [])), c)):
         for patient in patients_of_cell.get(cell, []):

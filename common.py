@@ -70,6 +70,21 @@ GRAZ_REQUIRED = ["filestem", "patient_id", "study_number", "gender", "age", "pro
 GRAZ_FLAGS = ["initial_exam", "cast", "diagnosis_uncertain", "osteopenia", "fracture_visible", "metal"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
+# Identifiers are text at every boundary, read exactly as written. Left to guess, pandas reads 12
+# as an int from one file and as '12' from a hospital table, and the two never match: 02 then let
+# test patients into train while its leak check compared ints with text and passed. It would
+# also make '0012' the patient 12, and 12 the float 12.0 (text '12.0') in a column with a gap.
+ID_COLUMNS = ("patient_id", "study_id", "study_number", "id")
+ID_CONVERTERS = {column: str.strip for column in ID_COLUMNS}  # for pd.read_csv: no parsing, no NaN
+
+
+def ids_as_text(ids: pd.Series) -> pd.Series:
+    """Ids as text whatever dtype a frame arrived with: 12, '12' and 12.0 (pandas' int from a
+    column with a gap) are one patient; text, '0012' included, stays as written."""
+    if pd.api.types.is_float_dtype(ids) and (ids.dropna() % 1 == 0).all():
+        ids = ids.astype("Int64")
+    return ids.astype(str)
+
 
 class ImageIndex(dict):
     """filestem -> image path, plus `duplicates`: stem -> the other files of that stem (ignored)."""
@@ -145,8 +160,8 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
                          "holds GRAZPEDWRI-DX's dataset.csv")
     try:
         # utf-8-sig strips the byte-order mark the published file starts with.
-        frame = pd.read_csv(csv_path, encoding="utf-8-sig", dtype={"filestem": str,
-                            "ao_classification": str, "gender": str, "laterality": str})
+        frame = pd.read_csv(csv_path, encoding="utf-8-sig", converters=ID_CONVERTERS, dtype={
+                            "filestem": str, "ao_classification": str, "gender": str, "laterality": str})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise InputError(f"{csv_path}: not a readable CSV ({error}); export it again as "
                          "comma-separated UTF-8") from None
@@ -154,6 +169,7 @@ def read_wrist_metadata(root: Path, *, projections: Sequence[str] = ("AP", "Lat"
     if missing:
         raise InputError(f"{csv_path}: missing required column(s) {', '.join(missing)}; the file "
                          f"needs GRAZPEDWRI-DX's columns: {', '.join(GRAZ_COLUMNS)}")
+    _check_ids_present(frame, ["patient_id", "study_number"], csv_path)
     for flag in GRAZ_FLAGS:
         if flag in frame.columns:
             frame[flag] = pd.to_numeric(frame[flag], errors="coerce").fillna(0).astype(int)
@@ -208,8 +224,6 @@ def _filter_wrist_rows(frame: pd.DataFrame, csv_path: Path, index: dict[str, Pat
     kept["image_path"] = paths[keep].map(str)
     kept["label"] = (kept["fracture_visible"] == 1).astype(int)
     kept["projection_name"] = kept["projection"].map({v: k for k, v in PROJECTIONS.items()})
-    if not is_hospital_table(csv_path):  # a hospital's patient IDs may be pseudonyms, not numbers
-        kept["patient_id"] = kept["patient_id"].astype(int)
     kept["study_id"] = kept["study_number"]  # the name hospital tables and 07 use for a study
     assert len(kept) + sum(excluded.values()) == total
     if len(kept) == 0:
@@ -303,12 +317,17 @@ def read_hospital_table(csv_path: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
         "fracture_visible": fracture.astype(int), "metal": _flag_column(table, "metal", csv_path),
         "pixel_spacing": np.nan, "device_manufacturer": ""})
     frame["sex"] = frame["gender"]
-    if frame["patient_id"].eq("").any() or frame["study_id"].eq("").any():
-        raise InputError(f"{csv_path}: empty patient_id or study_id; every image needs both (splits "
-                         "keep a patient's images together, studies are scored as a whole)")
+    _check_ids_present(frame, ["patient_id", "study_id"], csv_path)
     paths = table["image_path"].map(lambda given: resolve_table_path(csv_path, given))
     index = {stem: path for stem, path in zip(stems, paths) if path.is_file()}
     return frame, index
+
+
+def _check_ids_present(frame: pd.DataFrame, columns: list[str], csv_path: Path) -> None:
+    """Ids are read as text, so an empty one would silently be one more patient or study."""
+    if frame[columns].eq("").any(axis=None):
+        raise InputError(f"{csv_path}: empty {' or '.join(columns)}; every image needs both (splits "
+                         "keep a patient's images together, studies are scored as a whole)")
 
 
 def _filestem_of_path(given: str) -> str:
@@ -406,13 +425,13 @@ def split_path(out: Path, dataset: str, split: str) -> Path:
 
 
 def read_split(out: Path, dataset: str, split: str) -> pd.DataFrame:
-    """Read a split CSV written by 01/02, or say which stage to run first."""
+    """Read a split CSV written by 01/02 (ids as text, as every reader gives them), or say which
+    stage to run first."""
     path = split_path(out, dataset, split)
     if not path.is_file():
         stage = "01_split_test.py" if split in ("test", "quarantine") else "02_split_trainval.py"
         raise InputError(f"{path}: split not found; run {stage} (or run_all.py) with the same --out first")
-    frame = pd.read_csv(path, dtype={"filestem": str, "id": str, "ao_classification": str})
-    return frame
+    return pd.read_csv(path, converters=ID_CONVERTERS, dtype={"filestem": str, "ao_classification": str})
 
 
 def patient_overlap(splits: dict[str, pd.DataFrame], key: str = "patient_id") -> dict[str, int]:
@@ -422,8 +441,8 @@ def patient_overlap(splits: dict[str, pd.DataFrame], key: str = "patient_id") ->
     recognise the patient instead of the fracture, and inflate every test metric.
     """
     names = list(splits)
-    return {f"{a}/{b}": len(set(splits[a][key]) & set(splits[b][key]))
-            for i, a in enumerate(names) for b in names[i + 1:]}
+    ids = {name: set(ids_as_text(frame[key])) for name, frame in splits.items()}
+    return {f"{a}/{b}": len(ids[a] & ids[b]) for i, a in enumerate(names) for b in names[i + 1:]}
 
 
 def assert_no_patient_leak(splits: dict[str, pd.DataFrame], key: str = "patient_id") -> None:

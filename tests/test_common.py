@@ -69,7 +69,7 @@ def test_ao_filter_keeps_normals_and_splits_on_commas(tmp_path):
     for stem in frame["filestem"]:
         (root / "images" / f"{stem}.png").touch()
     kept, excluded = common.read_wrist_metadata(root, ao_pattern=r"^23u")
-    assert sorted(kept["patient_id"]) == [1, 2, 4]
+    assert sorted(kept["patient_id"]) == ["1", "2", "4"]  # ids are text, as every reader gives them
     assert excluded["AO code not matching"] == 1
 
 
@@ -88,6 +88,9 @@ def test_bad_wrist_inputs_give_one_line_errors(tmp_path):
     frame[["filestem", "patient_id", "study_number", "age", "projection"]] = ["x", 1, 1, 5.0, 1]
     frame.to_csv(root / "dataset.csv", index=False)
     with pytest.raises(common.InputError, match="no images"):
+        common.read_wrist_metadata(root)
+    frame.assign(patient_id="").to_csv(root / "dataset.csv", index=False)  # text ids: '' is no patient
+    with pytest.raises(common.InputError, match="dataset.csv: empty patient_id or study_number"):
         common.read_wrist_metadata(root)
 
 

@@ -14,19 +14,29 @@ from conftest import load_stage
 
 FAST = ["--image-size", "48", "--batch-size", "16", "--device", "cpu"]
 PROJECTION_WORDS = {1: "AP", 2: "Lat", 3: "oblique"}
+# How a hospital writes patient_id and study_id, made from GRAZPEDWRI-DX's patient and study numbers.
+ID_STYLES = {
+    "pseudonyms": (lambda patient, study: f"P{patient:05d}", lambda patient, study: f"ST{patient}-{study}"),
+    "numbers": (lambda patient, study: patient, lambda patient, study: 100 * patient + study),
+    "zero-padded": (lambda patient, study: f"{patient:04d}", lambda patient, study: f"{patient:04d}{study:02d}"),
+}
 
 
-def hospital_table(demo_root: Path, table_dir: Path, rows: pd.DataFrame | None = None) -> Path:
+def hospital_table(demo_root: Path, table_dir: Path, rows: pd.DataFrame | None = None,
+                   ids: str = "pseudonyms") -> Path:
     """GRAZPEDWRI-DX demo rows re-written as a hospital would: paths relative to the table's own
-    folder, pseudonymous patient IDs (text), study IDs, words for the projection."""
+    folder, patient and study IDs in one of ID_STYLES (pseudonymous text by default), words for
+    the projection."""
     raw = rows if rows is not None else pd.read_csv(demo_root / "dataset.csv", encoding="utf-8-sig",
                                                     dtype={"filestem": str})
     index = common.index_images(demo_root)
     table_dir.mkdir(parents=True, exist_ok=True)
+    numbers = list(zip(raw["patient_id"].astype(int), raw["study_number"].astype(int)))
+    patient_id, study_id = ID_STYLES[ids]
     table = pd.DataFrame({
         "image_path": [os.path.relpath(index[stem], table_dir) for stem in raw["filestem"]],
-        "patient_id": [f"P{int(p):05d}" for p in raw["patient_id"]],
-        "study_id": [f"ST{int(p)}-{int(s)}" for p, s in zip(raw["patient_id"], raw["study_number"])],
+        "patient_id": [patient_id(*pair) for pair in numbers],
+        "study_id": [study_id(*pair) for pair in numbers],
         "age": raw["age"], "sex": raw["gender"],
         "projection": raw["projection"].map(PROJECTION_WORDS),
         "fracture": raw["fracture_visible"].fillna(0).astype(int),
@@ -99,6 +109,64 @@ def test_hospital_table_runs_01_to_04_with_every_guarantee(hospital_run):
     checkpoint = common.load_checkpoint(trained[0])
     # 04 fine-tuned from 03's router: the starting weights' file and hash are in the checkpoint.
     assert checkpoint["init"].startswith("best.pt:")
+
+
+def test_integer_ids_split_without_leak_and_04_trains(small_demo, tmp_path):
+    """The issue: a table whose patient_id is a number put 188 test patients into train (02 read
+    its ids as text and the test split's as numbers), its leak check passed, and 04 refused."""
+    table = hospital_table(small_demo / "grazpedwri", tmp_path / "tables", ids="numbers")
+    assert pd.read_csv(table)["patient_id"].dtype.kind == "i"  # plain numbers in the CSV
+    out = tmp_path / "out"
+    flags = ["--data", str(table), "--out", str(out), "--preset", "demo"]
+    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
+    load_stage("02_split_trainval").main(flags)
+    _assert_ids_as_written_and_test_patients_held_out(table, out)
+    load_stage("04_train_fracture_ddp").main([*flags, "--image-size", "32", "--batch-size", "16", "--device", "cpu",
+                                              "--epochs", "1", "--projections", "AP", "--groups", "2",
+                                              "--init", "scratch", "--min-epoch-samples", "0", "--bootstrap", "20"])
+    summary = pd.read_csv(out / "fracture" / "summary.csv")
+    assert (summary["status"] == "trained").any(), summary[["kind", "status", "reason"]]
+
+
+def test_zero_padded_ids_keep_their_zeros_through_01_02_and_read_split(small_demo, tmp_path):
+    """'0012' is not patient 12: wrist and bone-age ids come out of every split as written."""
+    table = hospital_table(small_demo / "grazpedwri", tmp_path / "tables", ids="zero-padded")
+    boneage = _zero_padded_boneage(small_demo / "rsna_boneage", tmp_path / "boneage")
+    out = tmp_path / "out"
+    flags = ["--data", str(table), "--boneage-data", str(boneage), "--out", str(out), "--preset", "demo"]
+    load_stage("01_split_test").main([*flags, "--per-cell", "2"])
+    load_stage("02_split_trainval").main(flags)
+    _assert_ids_as_written_and_test_patients_held_out(table, out)
+    written = pd.read_csv(boneage / "boneage-training-dataset.csv", dtype=str)["id"]
+    splits = {split: common.read_split(out, "boneage", split) for split in ("test", "train", "val")}
+    assert sorted(pd.concat(splits.values())["id"]) == sorted(written)
+    assert set(common.patient_overlap(splits, key="id").values()) == {0}
+
+
+def _zero_padded_boneage(source: Path, target: Path) -> Path:
+    """The demo's RSNA folder with every id written as '00<id>', its images linked under that name."""
+    labels = pd.read_csv(source / "boneage-training-dataset.csv", dtype=str)
+    images = target / "boneage-training-dataset"
+    images.mkdir(parents=True)
+    for old in labels["id"]:
+        (images / f"00{old}.png").symlink_to(source / "boneage-training-dataset" / f"{old}.png")
+    labels.assign(id="00" + labels["id"]).to_csv(target / "boneage-training-dataset.csv", index=False)
+    return target
+
+
+def _assert_ids_as_written_and_test_patients_held_out(table: Path, out: Path) -> None:
+    """Every split's patient ids are the table's text, and no test patient is in train or val."""
+    written = set(pd.read_csv(table, dtype=str)["patient_id"])
+    splits = {name: common.read_split(out, "wrist", name) for name in ("test", "quarantine", "train", "val")}
+    for name, frame in splits.items():
+        as_text = pd.read_csv(common.split_path(out, "wrist", name), dtype=str)["patient_id"]
+        assert frame["patient_id"].tolist() == as_text.tolist(), name  # read_split parses nothing
+        assert set(as_text) <= written, (name, sorted(set(as_text) - written)[:3])
+    held_out = set(splits["test"]["patient_id"]) | set(splits["quarantine"]["patient_id"])
+    trained_on = set(splits["train"]["patient_id"]) | set(splits["val"]["patient_id"])
+    assert held_out and trained_on and not held_out & trained_on
+    report = (out / "splits" / "split_report.md").read_text()
+    assert "wrist patients shared: test+quarantine/train 0, test+quarantine/val 0, train/val 0" in report
 
 
 def _test_split_table(table: Path, out: Path, target: Path) -> Path:

@@ -96,17 +96,21 @@ def test_real_no_patient_in_two_splits(real_run):
     assert "leak check: PASS" in (real_run.out / "splits" / "split_report.md").read_text()
 
 
-def test_real_every_kept_image_in_one_place_and_test_patients_quarantined(real_run):
-    """The four wrist files partition the kept rows, and a test patient is nowhere else."""
-    parts = [real_run.wrist_test, real_run.wrist_quarantine, real_run.wrist_train, real_run.wrist_val]
+@pytest.mark.parametrize("run_name", ["real_run", "demo_run"])
+def test_every_kept_image_in_one_place_and_test_patients_quarantined(run_name, request):
+    """The four wrist files partition the kept rows, and a test patient is nowhere else: dataset.csv's
+    integer patient ids and the split CSVs' meet as the same text (else 02 keeps test patients)."""
+    run = request.getfixturevalue(run_name)
+    parts = [run.wrist_test, run.wrist_quarantine, run.wrist_train, run.wrist_val]
     placed = pd.concat(parts)["filestem"]
     assert not placed.duplicated().any()
-    assert set(placed) == set(real_run.kept["filestem"])
-    test_patients = set(real_run.wrist_test["patient_id"])
-    of_test_patients = real_run.kept[real_run.kept["patient_id"].isin(test_patients)]
-    other_images = set(of_test_patients["filestem"]) - set(real_run.wrist_test["filestem"])
-    assert other_images == set(real_run.wrist_quarantine["filestem"])
-    assert set(real_run.wrist_quarantine["patient_id"]) <= test_patients
+    assert set(placed) == set(run.kept["filestem"])
+    test_patients = set(run.wrist_test["patient_id"])
+    of_test_patients = run.kept[run.kept["patient_id"].isin(test_patients)]
+    other_images = set(of_test_patients["filestem"]) - set(run.wrist_test["filestem"])
+    assert other_images == set(run.wrist_quarantine["filestem"])
+    assert set(run.wrist_quarantine["patient_id"]) <= test_patients
+    assert not test_patients & set(pd.concat([run.wrist_train, run.wrist_val])["patient_id"])
 
 
 def test_real_test_cells_filled_as_reported(real_run):
@@ -232,6 +236,7 @@ def demo_run(small_demo, tmp_path_factory) -> SimpleNamespace:
     run_splits(small_demo / "grazpedwri", small_demo / "rsna_boneage", out, "--preset", "demo")
     run = read_splits(out)
     run.out = out
+    run.kept, _ = common.read_wrist_metadata(small_demo / "grazpedwri")
     return run
 
 
@@ -313,4 +318,38 @@ def test_trainval_never_writes_a_leaking_split(small_demo, tmp_path, monkeypatch
     monkeypatch.setattr(stage, "split_off_val", lambda strata, *_: np.arange(len(strata)) % 2 == 1)
     with pytest.raises(common.InputError, match="patients shared between splits"):
         stage.main(["--out", str(out)])
+    assert not (out / "splits" / "wrist_train.csv").exists()
+
+
+ID_TYPES = {"int": lambda ids: pd.Series(ids, dtype="int64"),
+            "str": lambda ids: pd.Series([str(i) for i in ids], dtype=object),
+            "float": lambda ids: pd.Series([*ids, None], dtype="float64")}  # pandas' int column with a gap
+
+
+@pytest.mark.parametrize("test_type, train_type", [("int", "int"), ("str", "str"), ("int", "str"),
+                                                   ("str", "int"), ("float", "str")])
+def test_leak_check_compares_ids_as_text(test_type, train_type):
+    test = pd.DataFrame({"patient_id": ID_TYPES[test_type]([12, 13])})
+    train = pd.DataFrame({"patient_id": ID_TYPES[train_type]([13, 14])})
+    assert common.patient_overlap({"test": test, "train": train}) == {"test/train": 1}
+    with pytest.raises(common.InputError, match="patients shared between splits {'test/train': 1}"):
+        common.assert_no_patient_leak({"test": test, "train": train})
+    apart = pd.DataFrame({"patient_id": ID_TYPES[train_type]([14, 15])})
+    common.assert_no_patient_leak({"test": test, "train": apart})
+
+
+@pytest.mark.parametrize("dtype", ["int64", "float64"])
+def test_trainval_leak_check_sees_test_patients_whatever_their_dtype(small_demo, tmp_path, monkeypatch, dtype):
+    """The issue's failure, forced: test ids read as numbers miss 02's text ids, so its exclusion
+    leaves test patients in the pool; the leak check must still see them and stop 02."""
+    out = tmp_path / "out"
+    load_stage("01_split_test").main(["--data", str(small_demo / "grazpedwri"), "--out", str(out), "--per-cell", "1"])
+    read_split = common.read_split
+
+    def numeric_ids(out, dataset, split):
+        return read_split(out, dataset, split).astype({"patient_id": dtype})
+
+    monkeypatch.setattr(common, "read_split", numeric_ids)
+    with pytest.raises(common.InputError, match=r"patients shared between splits \{'test\+quarantine/train': [1-9]"):
+        load_stage("02_split_trainval").main(["--out", str(out)])
     assert not (out / "splits" / "wrist_train.csv").exists()
