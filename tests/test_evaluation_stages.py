@@ -142,6 +142,22 @@ def test_report_figures_equal_the_metrics_files(evaluated):
                                   _shown(boneage[f"{name}_hi"])]
 
 
+def test_report_headline_sets_the_no_cast_and_initial_exam_aucs_beside_the_overall_one(evaluated):
+    """The headline's three AUCs are 04's: cascade_pred's operating point, then its subgroups
+    without a cast (cast 0) and of initial exams (initial_exam 1), each with its interval."""
+    headline = _section((evaluated / "REPORT.md").read_text(), "Headline: fracture detection as deployed")
+    point = pd.read_csv(evaluated / "fracture" / "operating_points.csv").query(
+        "scope == 'cascade_pred' and rule == 'youden'").iloc[0]
+    subgroups = pd.read_csv(evaluated / "fracture" / "subgroups.csv", dtype={"value": str})
+    for name, row in (("every test image", point),
+                      ("without a cast", subgroups.query("subgroup == 'cast' and value == '0'").iloc[0]),
+                      ("initial exams only", subgroups.query("subgroup == 'initial_exam' and value == '1'").iloc[0])):
+        (cells,) = _cells(headline, name, 3)
+        assert cells[1] == f"{int(row['n'])} ({int(row['n_pos'])})", name
+        assert _with_ci(cells[2]) == [_shown(row[k]) for k in ("auc", "auc_lo", "auc_hi")], name
+    assert "overstates" in headline
+
+
 def _section(report: str, heading: str) -> str:
     """The text of one '## heading' section of REPORT.md, up to the next '## '."""
     return report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0].strip()
