@@ -20,6 +20,8 @@ Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and cali
         OUT/fracture/operating_points.csv each model, cascade_true/pred and study_pred at the rules
                                           youden, sens90, sens95, with 95% CIs; test_studies.csv
         OUT/fracture/calibration.json, reliability.png, subgroups.csv (cascade_pred)
+        OUT/fracture/calibration_choice.json  the map the cascade deploys (none, one cascade map, or
+                                          per model), chosen by out-of-fold ECE on validation
         OUT/fracture/ablation.csv         arm x scope (each group, the cascade): n, AUC, 95% CI
         OUT/fracture/ablation_predictions.csv  each arm's probability for every test image
         OUT/fracture/test_predictions.csv every test image's raw and calibrated probability
@@ -36,9 +38,12 @@ some models collapsed to all-negative.)
 Decision threshold: Youden's J (sensitivity + specificity - 1) maximised on validation, stored in
 best.pt and applied unchanged to test; so are the sens90/sens95 thresholds and a Platt calibration
 map (fit_calibration) that changes the reported probability, never the decision. A group
-with < 5 validation fractures or normals takes the pooled model's threshold (summary.csv:
-threshold_source). A model calling every validation image one class, or with test
-sensitivity/specificity at 1/0, is flagged (summary.csv: warning).
+with < 5 validation fractures or normals takes the pooled model's threshold and map (summary.csv:
+threshold_source, calibration_source). Then the cascade's calibration is chosen on validation:
+these per-model maps, one map fitted on the cascade's validation probabilities, or none, whichever
+has the lowest ECE at the source prevalence out of fold (patient-grouped cross-validation). A
+model calling every validation image one class, or with test sensitivity/specificity at 1/0, is
+flagged (summary.csv: warning).
 
 Run:
   python 04_train_fracture_ddp.py                                    # demo, 1 process
@@ -132,7 +137,7 @@ def main(argv=None):
     info = common.setup_distributed(args.device)
     try:
         frames, cache = common.cache_split_images(frames, args.image_size, args.out, "wrist")
-        rows, test_probs, arm_probs = [], {}, {}
+        rows, test_probs, arm_probs, validated = [], {}, {}, {}
         for projection in args.projections:
             pooled = None
             if args.init == "pooled" or args.ablation:
@@ -154,10 +159,12 @@ def main(argv=None):
                     rows.append(result["row"])
                     if "test_probs" in result:
                         test_probs[(projection, group)] = result["test_probs"]
+                        validated[(projection, group)] = result
                     if mlflow and info.is_main:
                         _log_mlflow(mlflow, result["row"], out_dir / projection / f"group{group}")
         if info.is_main:
-            write_fracture_summary(out_dir, frames, test_probs, rows, args)
+            calibration = choose_calibration(out_dir, frames, validated, rows)
+            write_fracture_summary(out_dir, frames, test_probs, rows, args, calibration)
             if len(arm_probs) > 1:
                 write_ablation(out_dir, frames["test"], arm_probs, args)
             common.write_run_config(out_dir, args)
@@ -294,19 +301,22 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
     own = (is_pooled | (projection_test["route_group"] == group)).to_numpy()
     threshold, threshold_source = small_group_threshold(
         parts["val"]["label"], (pooled or {}).get("row", {}).get("test_threshold"), "pooled model's")
+    calibration, calibration_source = small_group_calibration(parts["val"]["label"], (pooled or {}).get("calibration"))
     metrics, warning = {}, ""
     if info.is_main:
         metrics = _evaluate_and_save(run_dir, name, parts, val_probs, all_test_probs[own], args,
-                                     threshold=threshold)
+                                     threshold=threshold, calibration=calibration)
+        calibration = metrics.pop("calibration")
         warning = degenerate_warning(val_probs, metrics)
         if warning:
             common.log(f"WARNING {name}: {warning}")
         if threshold_source != "val Youden":
             common.log(f"{name}: threshold {metrics['threshold']:.3f} = {threshold_source}")
     return {"row": {**row, "status": "trained", "reason": "", "best_epoch": fitted["best"]["epoch"],
-                    "threshold_source": threshold_source, "warning": warning,
-                    **{f"test_{k}": v for k, v in metrics.items()}},
-            "test_probs": pd.Series(all_test_probs, index=projection_test["filestem"])}
+                    "threshold_source": threshold_source, "calibration_source": calibration_source,
+                    "warning": warning, **{f"test_{k}": v for k, v in metrics.items()}},
+            "test_probs": pd.Series(all_test_probs, index=projection_test["filestem"]),
+            "val_probs": pd.Series(val_probs, index=parts["val"]["filestem"]), "calibration": calibration}
 
 
 def _skip_reason(parts: dict[str, pd.DataFrame]) -> str:
@@ -329,19 +339,20 @@ def _predict_probs(model, dataset, args, info) -> np.ndarray:
     return expit(common.predict(model, dataset, _forward, batch_size=args.batch_size, info=info))
 
 
-def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args, threshold=None) -> dict:
+def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args, threshold=None, calibration=None) -> dict:
     """Choose thresholds and the calibration map on val, score test, write metrics, plots, best.pt.
 
     The youden threshold is the model's decision (07 applies it); sens90/sens95 are the other
     operating points reported. The calibration map (Platt, fitted on val only) changes the
     probability 07 reports, never the decision: thresholds stay on the raw scale. A given
-    `threshold` (a small group borrowing the pooled model's) replaces the youden one.
+    `threshold` or `calibration` (a small group borrowing the pooled model's) replaces its own.
+    Returns the test metrics of summary.csv and, under "calibration", the map it stored.
     """
     thresholds = operating_thresholds(parts["val"]["label"], val_probs)
     if threshold is not None:
         thresholds["youden"] = threshold
     threshold = thresholds["youden"]
-    calibration = fit_calibration(parts["val"]["label"], val_probs)
+    calibration = calibration or fit_calibration(parts["val"]["label"], val_probs)
     val = binary_metrics(parts["val"]["label"], val_probs, threshold)
     test = binary_metrics(parts["test"]["label"], test_probs, threshold)
     test_ci = common.binary_metrics_with_ci(parts["test"]["label"], test_probs, parts["test"]["patient_id"],
@@ -365,7 +376,7 @@ def _evaluate_and_save(run_dir, name, parts, val_probs, test_probs, args, thresh
                f"(n={test['n']}); calibration {calibration['method']}")
     return {"auc": test["auc"], "auc_ci_low": test["auc_ci"][0], "auc_ci_high": test["auc_ci"][1],
             **{f"{k}{end}": test_ci[f"{k}{end}"] for k in ("sensitivity", "specificity") for end in ("", "_lo", "_hi")},
-            "threshold": threshold}
+            "threshold": threshold, "calibration": calibration}
 
 
 def _flat(metrics: dict) -> dict:
@@ -407,14 +418,30 @@ def small_group_threshold(val_labels, fallback: float | None, fallback_name: str
     """(threshold, where it comes from): None = choose on this model's own validation set; a
     validation set with < MIN_THRESHOLD_CLASS of a class borrows `fallback` (e.g. the pooled
     model's threshold) and says so; without a fallback its own threshold is marked UNRELIABLE."""
-    positives = int(np.sum(val_labels))
-    negatives = len(val_labels) - positives
-    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
+    counts = _too_few(val_labels)
+    if not counts:
         return None, "val Youden"
-    counts = f"val has {positives} positive / {negatives} negative images, < {MIN_THRESHOLD_CLASS} of one class"
     if fallback is None or not np.isfinite(fallback):
         return None, f"val Youden, UNRELIABLE: {counts} and no model to borrow a threshold from"
     return float(fallback), f"{fallback_name} ({counts})"
+
+
+def small_group_calibration(val_labels, fallback: dict | None) -> tuple[dict | None, str]:
+    """(map, source), as thresholds are chosen: None = fit on this model's own validation set
+    ('own'); a validation set with < MIN_THRESHOLD_CLASS of a class takes `fallback`, the pooled
+    model's map ('pooled'): a Platt fit on 2 normals is noise (one group's ECE went 0.12 -> 0.50)."""
+    if _too_few(val_labels) and fallback is not None:
+        return fallback, "pooled"
+    return None, "own"
+
+
+def _too_few(val_labels) -> str:
+    """'' when validation has enough of both classes to choose on, else the counts, for the log."""
+    positives = int(np.sum(val_labels))
+    negatives = len(val_labels) - positives
+    if min(positives, negatives) >= MIN_THRESHOLD_CLASS:
+        return ""
+    return f"val has {positives} positive / {negatives} negative images, < {MIN_THRESHOLD_CLASS} of one class"
 
 
 def degenerate_warning(val_probs, metrics: dict) -> str:
@@ -508,12 +535,71 @@ def fit_calibration(labels, probs) -> dict:
     return {"method": "platt", "slope": slope, "intercept": intercept, "n": int(len(labels)), "reason": ""}
 
 
+CALIBRATION_CHOICES = ("none", "cascade", "per model")  # on a tie, the simpler one
+
+
+def choose_calibration(out_dir: Path, frames: dict[str, pd.DataFrame], validated: dict, rows: list[dict]) -> dict:
+    """The calibration the deployed cascade gets, chosen on validation, and stored in every group
+    model's best.pt (where 07 reads it); rows' calibration_source says which map each group got.
+
+    Per-model maps (a small group borrowing the pooled model's) can leave the cascade worse
+    calibrated than no map at all; one Platt map fitted on the cascade's validation
+    probabilities has 2 parameters instead of 2 per group. Each option is scored out of fold
+    (patient-grouped cross-validation on validation, ECE at the training + validation prevalence
+    07 meets), so the option with more parameters does not win by fitting the images it is
+    scored on."""
+    prevalence = float(pd.concat([frames["train"]["label"], frames["val"]["label"]]).mean())
+    parts = [frames["val"].set_index("filestem").loc[result["val_probs"].index, ["label", "patient_id"]]
+             .assign(model=f"{key[0]}/group{key[1]}", raw=result["val_probs"].to_numpy(float))
+             for key, result in validated.items()]
+    if not parts:
+        return {}
+    val = pd.concat(parts).reset_index(drop=True)
+    borrowed = {f"{key[0]}/group{key[1]}": result["calibration"] for key, result in validated.items()
+                if result["row"]["calibration_source"] == "pooled"}
+    ece = {name: common.calibration_metrics(val["label"], probs, prevalence=prevalence)["ece"]
+           for name, probs in _out_of_fold(val, borrowed).items()}
+    chosen = min(CALIBRATION_CHOICES, key=lambda name: ece[name] if np.isfinite(ece[name]) else np.inf)
+    if chosen != "per model":
+        single = fit_calibration(val["label"], val["raw"]) if chosen == "cascade" else {
+            "method": "identity", "slope": 1.0, "intercept": 0.0, "n": len(val),
+            "reason": "no map beat the raw probabilities out of fold on validation"}
+        for key in validated:
+            path = out_dir / key[0] / f"group{key[1]}" / "best.pt"
+            common.save_checkpoint({**common.load_checkpoint(path), "calibration": single}, path)
+        for row in rows:
+            if row.get("kind") == "model" and (row["projection"], row["age_group"]) in validated:
+                row["calibration_source"] = chosen
+    common.log("calibration chosen on validation: " + chosen + " (out-of-fold ECE at prevalence "
+               + ", ".join(f"{name} {value:.3f}" for name, value in ece.items()) + ")")
+    return {"deployed": chosen, "out_of_fold_ece_at_prevalence": ece, "prevalence": prevalence,
+            "n_val": len(val)}
+
+
+def _out_of_fold(val: pd.DataFrame, borrowed: dict, folds: int = 5) -> dict[str, np.ndarray]:
+    """Each calibration option's probability for every validation image, fitted without the
+    image's patient: the raw one, one cascade map, each group's own map (or its borrowed one)."""
+    from sklearn.model_selection import GroupKFold
+    raw, labels, models = val["raw"].to_numpy(float), val["label"].to_numpy(int), val["model"].to_numpy()
+    probs = {"none": raw, "cascade": np.full(len(val), np.nan), "per model": np.full(len(val), np.nan)}
+    patients = val["patient_id"].astype(str).to_numpy()
+    splitter = GroupKFold(n_splits=min(folds, len(set(patients))))
+    for fitting, held in splitter.split(raw, groups=patients):
+        cascade = fit_calibration(labels[fitting], raw[fitting])
+        probs["cascade"][held] = common.apply_calibration(raw[held], cascade)
+        for model in set(models[held]):
+            mine, own = held[models[held] == model], fitting[models[fitting] == model]
+            group_map = borrowed.get(model) or fit_calibration(labels[own], raw[own])
+            probs["per model"][mine] = common.apply_calibration(raw[mine], group_map)
+    return probs
+
+
 # ------------------------------------------------------------------------------------------------
 # Test evaluation: the decision 07 deploys (stored thresholds, study rule), calibration, subgroups, ablation
 # ------------------------------------------------------------------------------------------------
 
-FRACTURE_EVALUATION_FILES = ("summary.csv", "operating_points.csv", "calibration.json", "subgroups.csv",
-                    "reliability.png", "test_predictions.csv", "test_studies.csv")
+FRACTURE_EVALUATION_FILES = ("summary.csv", "operating_points.csv", "calibration.json", "calibration_choice.json",
+                             "subgroups.csv", "reliability.png", "test_predictions.csv", "test_studies.csv")
 
 
 OPERATING_RULES = ("youden", "sens90", "sens95")
@@ -523,7 +609,7 @@ FRACTURE_SUBGROUPS = {"projection": "projection_name", "age_group": "age_group",
              "initial_exam": "initial_exam", "laterality": "laterality"}
 
 
-def write_fracture_summary(out_dir, frames, test_probs, rows, args) -> None:
+def write_fracture_summary(out_dir, frames, test_probs, rows, args, calibration_choice: dict | None = None) -> None:
     """Per-model rows, the true- and predicted-group cascades and the study row (summary.csv);
     operating points, calibration and subgroups of the decision 07 deploys."""
     test = frames["test"].assign(study_id=frames["test"].get("study_id", frames["test"]["study_number"]))
@@ -566,7 +652,7 @@ def write_fracture_summary(out_dir, frames, test_probs, rows, args) -> None:
         rows.append(_summary_row(f"study_max_{args.route}_group", studies, "prob", args, note))
     if "calibrated_prob_route_pred" in table and table["prob_route_pred"].notna().any():
         points += _study_points(table, prevalence, args)
-        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args)
+        _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args, calibration_choice or {})
     summary = pd.DataFrame(rows)
     integer_columns = [c for c in summary if c == "age_group" or c.startswith(("n_", "pos_")) or c == "best_epoch"]
     summary[integer_columns] = summary[integer_columns].astype("Int64")  # not 1.0 beside cascade NaNs
@@ -627,7 +713,7 @@ def _study_points(table, prevalence, args) -> list[dict]:
     return points
 
 
-def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -> None:
+def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args, choice: dict) -> None:
     """calibration.json + reliability.png (raw vs calibrated on test), subgroups.csv of cascade_pred.
 
     Brier/ECE are given on the test set as it is (balanced by design) and reweighted to the
@@ -643,7 +729,8 @@ def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -
                                                                        prevalence=prevalence),
                 "method": method, "prevalence": prevalence}
 
-    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred", "platt per model")}
+    report = {"cascade_pred": scores(scored, "prob_route_pred", "calibrated_prob_route_pred",
+                                     choice.get("deployed", "per model"))}
     for row in rows:
         if row.get("kind") == "model" and row.get("status") == "trained":
             own = table[(table["projection_name"] == row["projection"])
@@ -652,6 +739,7 @@ def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args) -
             report[f"{row['projection']}_group{int(row['age_group'])}"] = scores(
                 own, f"prob_route_{route}", f"calibrated_prob_route_{route}", method)
     common.write_json(report, out_dir / "calibration.json")
+    common.write_json(choice, out_dir / "calibration_choice.json")
     common.plot_reliability({"raw": (scored["label"], scored["prob_route_pred"]),
                              "calibrated": (scored["label"], scored["calibrated_prob_route_pred"])},
                             out_dir / "reliability.png", "cascade_pred, test")

@@ -211,6 +211,15 @@ def _report_calibration(out: Path) -> list[str]:
              "| scope | Brier raw | Brier calibrated | ECE raw | ECE calibrated | Brier raw at prevalence | "
              "Brier calibrated at prevalence | ECE raw at prevalence | ECE calibrated at prevalence | map |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    choice_path = out / "fracture" / "calibration_choice.json"
+    choice = common.read_json(choice_path) if choice_path.is_file() else {}
+    if choice:
+        lines[3:3] = [f"Deployed map: **{choice['deployed']}**, chosen on validation by the ECE at the source "
+                      "prevalence out of fold (patient-grouped cross-validation): "
+                      + ", ".join(f"{name} {fmt(ece)}" for name, ece in choice["out_of_fold_ece_at_prevalence"].items())
+                      + ". `per model`: each group's own Platt map (a group with < 5 validation images of a "
+                      "class takes the pooled model's); `cascade`: one map on the cascade's probabilities; "
+                      "`none`: the raw probabilities.", ""]
     for scope, values in calibration.items():
         lines.append(f"| {scope} | " + " | ".join(
             fmt(values[kind][score]) for suffix in ("", "_at_prevalence") for score in ("brier", "ece")

@@ -74,6 +74,12 @@ def test_study_pred_is_what_07_decides_for_the_same_images(evaluated, tmp_path):
                                            "--out", str(tmp_path / "predicted"), "--device", "cpu"])
     images = table[table["level"] == "image"]
     assert np.allclose(images["fracture_prob"].astype(float), images["fracture_prob"].astype(float).clip(0, 1))
+    # The calibration 04 chose on validation is the one 07 applies: the same calibrated probability.
+    expected = pd.read_csv(evaluated / "fracture" / "test_predictions.csv", dtype={"filestem": str}).set_index(
+        "filestem")["calibrated_prob_route_pred"].dropna()
+    got = images.set_index(images["input_path"].map(dict(zip(test["image_path"].astype(str), test["filestem"]))))
+    assert len(expected) > 50 and np.allclose(got.loc[expected.index, "fracture_prob"].astype(float), expected,
+                                              atol=1e-4)
     assert ((images["raw_prob"] >= 0) & (images["raw_prob"] <= 1)).all()
     predicted = table[table["level"] == "study"].set_index(["study_id", "laterality"])
     studies = pd.read_csv(evaluated / "fracture" / "test_studies.csv", dtype=str)

@@ -207,6 +207,54 @@ def test_small_validation_groups_take_the_pooled_threshold():
     assert fracture_stage.degenerate_warning([0.9, 0.1], {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.7}) == ""
 
 
+def test_small_validation_groups_take_the_pooled_calibration_map():
+    pooled_map = {"method": "platt", "slope": 0.7, "intercept": -0.2, "n": 300, "reason": ""}
+    assert fracture_stage.small_group_calibration([1] * 11 + [0] * 2, pooled_map) == (pooled_map, "pooled")
+    assert fracture_stage.small_group_calibration([1] * 5 + [0] * 5, pooled_map) == (None, "own")
+    assert fracture_stage.small_group_calibration([1] * 11 + [0] * 2, None) == (None, "own")
+
+
+def _validated(tmp_path, shift: float, n: int = 400) -> tuple[dict, dict, list[dict]]:
+    """Four group models' validation probabilities, each the truth's logit moved by `shift`
+    (a balanced sampler's prior, say), with a best.pt each, as 04 leaves them before the choice."""
+    rng = np.random.default_rng(0)
+    frames, validated, rows = {"train": pd.DataFrame({"label": rng.integers(0, 2, n)})}, {}, []
+    val = []
+    for group in range(4):
+        truth = rng.uniform(0.05, 0.95, n // 4)
+        labels = (rng.uniform(size=n // 4) < truth).astype(int)
+        stems = [f"g{group}_{i}" for i in range(n // 4)]
+        patients = [f"p{group}_{i // 2}" for i in range(n // 4)]  # two images per patient
+        val.append(pd.DataFrame({"filestem": stems, "label": labels, "patient_id": patients}))
+        raw = 1 / (1 + np.exp(-(np.log(truth / (1 - truth)) + shift)))
+        path = tmp_path / "AP" / f"group{group}" / "best.pt"
+        common.save_checkpoint({"calibration": fracture_stage.fit_calibration(labels, raw)}, path)
+        row = {"kind": "model", "projection": "AP", "age_group": group, "calibration_source": "own"}
+        validated[("AP", group)] = {"val_probs": pd.Series(raw, index=stems), "calibration": None, "row": row}
+        rows.append(row)
+    frames["val"] = pd.concat(val, ignore_index=True)
+    return frames, validated, rows
+
+
+def test_the_cascade_calibration_is_chosen_out_of_fold_and_stored_for_07(tmp_path):
+    """One shared shift of every group's probabilities: a map must beat the raw probabilities out
+    of fold, and a single cascade map (2 parameters) is stored in every group's best.pt."""
+    frames, validated, rows = _validated(tmp_path, shift=2.0)
+    choice = fracture_stage.choose_calibration(tmp_path, frames, validated, rows)
+    ece = choice["out_of_fold_ece_at_prevalence"]
+    assert set(ece) == {"none", "cascade", "per model"} and choice["n_val"] == 400
+    assert choice["deployed"] != "none" and ece[choice["deployed"]] == min(ece.values()) < ece["none"] - 0.05
+    maps = [common.load_checkpoint(tmp_path / "AP" / f"group{g}" / "best.pt")["calibration"] for g in range(4)]
+    if choice["deployed"] == "cascade":
+        assert all(m == maps[0] for m in maps) and maps[0]["method"] == "platt"
+    assert {row["calibration_source"] for row in rows} == {"own" if choice["deployed"] == "per model" else "cascade"}
+    # Already calibrated probabilities: nothing beats them by much, and a worse map is never kept.
+    frames, validated, rows = _validated(tmp_path / "calibrated", shift=0.0)
+    choice = fracture_stage.choose_calibration(tmp_path / "calibrated", frames, validated, rows)
+    ece = choice["out_of_fold_ece_at_prevalence"]
+    assert ece[choice["deployed"]] <= ece["none"]
+
+
 RESUME = [*TINY, "--preset", "demo", "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10"]
 
 
