@@ -552,9 +552,9 @@ def choose_calibration(out_dir: Path, frames: dict[str, pd.DataFrame], validated
     parts = [frames["val"].set_index("filestem").loc[result["val_probs"].index, ["label", "patient_id"]]
              .assign(model=f"{key[0]}/group{key[1]}", raw=result["val_probs"].to_numpy(float))
              for key, result in validated.items()]
-    if not parts:
-        return {}
-    val = pd.concat(parts).reset_index(drop=True)
+    val = pd.concat(parts).reset_index(drop=True) if parts else pd.DataFrame()
+    if val.empty or val["patient_id"].nunique() < 2 or val["label"].nunique() < 2:
+        return {}  # nothing to cross-validate on: the per-model maps stay
     borrowed = {f"{key[0]}/group{key[1]}": result["calibration"] for key, result in validated.items()
                 if result["row"]["calibration_source"] == "pooled"}
     ece = {name: common.calibration_metrics(val["label"], probs, prevalence=prevalence)["ece"]

@@ -253,6 +253,12 @@ def test_the_cascade_calibration_is_chosen_out_of_fold_and_stored_for_07(tmp_pat
     choice = fracture_stage.choose_calibration(tmp_path / "calibrated", frames, validated, rows)
     ece = choice["out_of_fold_ece_at_prevalence"]
     assert ece[choice["deployed"]] <= ece["none"]
+    # One patient: nothing to cross-validate on, so the per-model maps stay as they are.
+    frames, validated, rows = _validated(tmp_path / "one", shift=2.0)
+    frames["val"]["patient_id"] = "p0"
+    before = common.load_checkpoint(tmp_path / "one" / "AP" / "group0" / "best.pt")["calibration"]
+    assert fracture_stage.choose_calibration(tmp_path / "one", frames, validated, rows) == {}
+    assert common.load_checkpoint(tmp_path / "one" / "AP" / "group0" / "best.pt")["calibration"] == before
 
 
 RESUME = [*TINY, "--preset", "demo", "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10"]
