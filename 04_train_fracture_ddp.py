@@ -137,13 +137,15 @@ def main(argv=None):
     info = common.setup_distributed(args.device)
     try:
         frames, cache = common.cache_split_images(frames, args.image_size, args.out, "wrist")
-        rows, test_probs, arm_probs, validated = [], {}, {}, {}
+        rows, arm_probs, validated, pooled_models = [], {}, {}, {}
         for projection in args.projections:
             pooled = None
             if args.init == "pooled" or args.ablation:
                 pooled = _train_one_model(projection, None, frames, cache, args, edges, info,
                                           out_dir / projection / "pooled")
                 rows.append(pooled["row"])
+                if "test_probs" in pooled:
+                    pooled_models[projection] = pooled
                 common.barrier()  # rank 0 has written pooled/best.pt; every rank starts from it next
             for arm, arm_dir in _arms(args, out_dir):
                 init = _init_file(arm, args, pooled, out_dir / projection / "pooled" / "best.pt")
@@ -158,13 +160,16 @@ def main(argv=None):
                         continue  # an ablation arm: reported in ablation.csv only
                     rows.append(result["row"])
                     if "test_probs" in result:
-                        test_probs[(projection, group)] = result["test_probs"]
-                        validated[(projection, group)] = result
+                        validated[(projection, group)] = {**result, "arm": arm}
                     if mlflow and info.is_main:
                         _log_mlflow(mlflow, result["row"], out_dir / projection / f"group{group}")
         if info.is_main:
-            calibration = choose_calibration(out_dir, frames, validated, rows)
-            write_fracture_summary(out_dir, frames, test_probs, rows, args, calibration)
+            deployments = choose_deployments(out_dir, frames, validated, pooled_models, rows, arm_probs)
+            calibration = choose_calibration(frames, deployments, rows)
+            for (projection, group), deployment in deployments.items():
+                common.write_json({k: v for k, v in deployment.items() if not k.endswith("_probs")},
+                                  out_dir / projection / f"group{group}" / "deployed.json")
+            write_fracture_summary(out_dir, frames, deployments, rows, args, calibration)
             if len(arm_probs) > 1:
                 write_ablation(out_dir, frames["test"], arm_probs, args)
             common.write_run_config(out_dir, args)
@@ -535,28 +540,96 @@ def fit_calibration(labels, probs) -> dict:
     return {"method": "platt", "slope": slope, "intercept": intercept, "n": int(len(labels)), "reason": ""}
 
 
+# The arms a group may deploy, simplest first: on a tie of validation AUC the earlier one wins
+# (one model over two, the shared model over a group's own).
+DEPLOY_ORDER = ("pooled", "from_pooled", "scratch", "from_file", "mean")
+
+
+def choose_deployments(out_dir: Path, frames: dict[str, pd.DataFrame], validated: dict, pooled_models: dict,
+                       rows: list[dict], arm_probs: dict) -> dict:
+    """Per (projection, age group), what 06 and 07 deploy, chosen on the group's validation images:
+    the pooled model, the group's own model (fine-tuned from it, or --init's), or the mean of the
+    two models' probabilities, whichever has the highest validation AUC. A group with fewer than
+    MIN_THRESHOLD_CLASS validation images of a class deploys the pooled model: its AUC on a few
+    images cannot tell the arms apart (the youngest groups deployed models at chance).
+
+    Returns {key: record}: the arm, its model files (relative to OUT/fracture), threshold(s) and
+    calibration map chosen on validation, the candidates' validation AUCs, and (for 04 itself) the
+    arm's validation and test probabilities. The group's summary row gets `deployed`."""
+    deployments = {}
+    for (projection, group), own in validated.items():
+        labels = frames["val"].set_index("filestem").loc[own["val_probs"].index, "label"].to_numpy()
+        own_path = f"{projection}/group{group}/best.pt"
+        candidates = {own["arm"]: (own["val_probs"], own["test_probs"], [own_path])}
+        pooled = pooled_models.get(projection)
+        if pooled is not None:
+            pooled_path = f"{projection}/pooled/best.pt"
+            pooled_val = pooled["val_probs"].loc[own["val_probs"].index]
+            candidates["pooled"] = (pooled_val, pooled["test_probs"], [pooled_path])
+            candidates["mean"] = ((pooled_val + own["val_probs"]) / 2, (pooled["test_probs"] + own["test_probs"]) / 2,
+                                  [pooled_path, own_path])
+            arm_probs.setdefault("mean", {})[(projection, group)] = candidates["mean"][1]
+        arm, aucs, reason = choose_arm(labels, {name: c[0] for name, c in candidates.items()})
+        val_probs, test_probs, models = candidates[arm]
+        small = bool(_too_few(labels))
+        source = own_path if arm == own["arm"] else pooled_path if small else None
+        if source:  # the group's own model, or the pooled one for a small group: its own choices
+            chosen = common.load_checkpoint(out_dir / source)
+            thresholds, calibration = chosen["thresholds"], chosen["calibration"]
+            row = own["row"] if arm == own["arm"] else {"threshold_source": f"pooled model's ({reason})",
+                                                        "calibration_source": "pooled"}
+            threshold_source, calibration_source = row["threshold_source"], row["calibration_source"]
+        else:
+            thresholds, calibration = operating_thresholds(labels, val_probs), fit_calibration(labels, val_probs)
+            threshold_source, calibration_source = "val Youden", "own"
+        deployments[(projection, group)] = {
+            "arm": arm, "models": models, "threshold": thresholds["youden"], "thresholds": thresholds,
+            "threshold_source": threshold_source, "calibration": calibration, "calibration_source": calibration_source,
+            "val_auc": aucs, "reason": reason, "val_probs": val_probs, "test_probs": test_probs}
+        arm_probs.setdefault("deployed", {})[(projection, group)] = test_probs
+        own["row"].update(deployed=arm, deployed_reason=reason, threshold_source=threshold_source,
+                          calibration_source=calibration_source, **{f"val_auc_{a}": v for a, v in aucs.items()})
+        common.log(f"{projection} group {group} deploys {arm} ({reason}; validation AUC "
+                   + ", ".join(f"{a} {v:.3f}" for a, v in aucs.items()) + ")")
+    return deployments
+
+
+def choose_arm(labels, candidates: dict[str, pd.Series]) -> tuple[str, dict[str, float], str]:
+    """(arm, each candidate's validation AUC, why): the highest AUC, or the pooled model when
+    validation has too few images of a class to rank the candidates."""
+    from sklearn.metrics import roc_auc_score
+    aucs = {arm: float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else float("nan")
+            for arm, probs in candidates.items()}
+    counts = _too_few(labels)
+    if counts and "pooled" in candidates:
+        return "pooled", aucs, counts
+    ranked = [arm for arm in DEPLOY_ORDER if arm in candidates and np.isfinite(aucs[arm])]
+    if not ranked:
+        return next(iter(candidates)), aucs, "no validation AUC: the group's own model"
+    return max(ranked, key=lambda arm: aucs[arm]), aucs, "highest validation AUC"
+
+
 CALIBRATION_CHOICES = ("none", "cascade", "per model")  # on a tie, the simpler one
 
 
-def choose_calibration(out_dir: Path, frames: dict[str, pd.DataFrame], validated: dict, rows: list[dict]) -> dict:
-    """The calibration the deployed cascade gets, chosen on validation, and stored in every group
-    model's best.pt (where 07 reads it); rows' calibration_source says which map each group got.
+def choose_calibration(frames: dict[str, pd.DataFrame], deployments: dict, rows: list[dict]) -> dict:
+    """The calibration of the deployed cascade, chosen on validation: each group's map (a small
+    group borrowing the pooled model's), one Platt map fitted on the cascade's validation
+    probabilities, or none. The deployments and their summary rows get the chosen map.
 
-    Per-model maps (a small group borrowing the pooled model's) can leave the cascade worse
-    calibrated than no map at all; one Platt map fitted on the cascade's validation
-    probabilities has 2 parameters instead of 2 per group. Each option is scored out of fold
-    (patient-grouped cross-validation on validation, ECE at the training + validation prevalence
-    07 meets), so the option with more parameters does not win by fitting the images it is
-    scored on."""
+    Per-group maps can leave the cascade worse calibrated than no map at all; one cascade map has
+    2 parameters instead of 2 per group. Each option is scored out of fold (patient-grouped
+    cross-validation on validation, ECE at the training + validation prevalence 07 meets), so
+    the option with more parameters does not win by fitting the images it is scored on."""
     prevalence = float(pd.concat([frames["train"]["label"], frames["val"]["label"]]).mean())
-    parts = [frames["val"].set_index("filestem").loc[result["val_probs"].index, ["label", "patient_id"]]
-             .assign(model=f"{key[0]}/group{key[1]}", raw=result["val_probs"].to_numpy(float))
-             for key, result in validated.items()]
+    parts = [frames["val"].set_index("filestem").loc[deployment["val_probs"].index, ["label", "patient_id"]]
+             .assign(model=f"{key[0]}/group{key[1]}", raw=deployment["val_probs"].to_numpy(float))
+             for key, deployment in deployments.items()]
     val = pd.concat(parts).reset_index(drop=True) if parts else pd.DataFrame()
     if val.empty or val["patient_id"].nunique() < 2 or val["label"].nunique() < 2:
-        return {}  # nothing to cross-validate on: the per-model maps stay
-    borrowed = {f"{key[0]}/group{key[1]}": result["calibration"] for key, result in validated.items()
-                if result["row"]["calibration_source"] == "pooled"}
+        return {}  # nothing to cross-validate on: the per-group maps stay
+    borrowed = {f"{key[0]}/group{key[1]}": deployment["calibration"] for key, deployment in deployments.items()
+                if deployment["calibration_source"] == "pooled"}
     ece = {name: common.calibration_metrics(val["label"], probs, prevalence=prevalence)["ece"]
            for name, probs in _out_of_fold(val, borrowed).items()}
     chosen = min(CALIBRATION_CHOICES, key=lambda name: ece[name] if np.isfinite(ece[name]) else np.inf)
@@ -564,11 +637,10 @@ def choose_calibration(out_dir: Path, frames: dict[str, pd.DataFrame], validated
         single = fit_calibration(val["label"], val["raw"]) if chosen == "cascade" else {
             "method": "identity", "slope": 1.0, "intercept": 0.0, "n": len(val),
             "reason": "no map beat the raw probabilities out of fold on validation"}
-        for key in validated:
-            path = out_dir / key[0] / f"group{key[1]}" / "best.pt"
-            common.save_checkpoint({**common.load_checkpoint(path), "calibration": single}, path)
+        for deployment in deployments.values():
+            deployment.update(calibration=single, calibration_source=chosen)
         for row in rows:
-            if row.get("kind") == "model" and (row["projection"], row["age_group"]) in validated:
+            if row.get("kind") == "model" and (row["projection"], row["age_group"]) in deployments:
                 row["calibration_source"] = chosen
     common.log("calibration chosen on validation: " + chosen + " (out-of-fold ECE at prevalence "
                + ", ".join(f"{name} {value:.3f}" for name, value in ece.items()) + ")")
@@ -609,14 +681,15 @@ FRACTURE_SUBGROUPS = {"projection": "projection_name", "age_group": "age_group",
              "initial_exam": "initial_exam", "laterality": "laterality"}
 
 
-def write_fracture_summary(out_dir, frames, test_probs, rows, args, calibration_choice: dict | None = None) -> None:
-    """Per-model rows, the true- and predicted-group cascades and the study row (summary.csv);
-    operating points, calibration and subgroups of the decision 07 deploys."""
+def write_fracture_summary(out_dir, frames, deployments, rows, args, calibration_choice: dict | None = None) -> None:
+    """Per-model rows, the true- and predicted-group cascades of the deployed arms and the study row
+    (summary.csv); operating points, calibration and subgroups of the decision 07 deploys."""
     test = frames["test"].assign(study_id=frames["test"].get("study_id", frames["test"]["study_number"]))
     table = test[["filestem", "patient_id", "study_id", "laterality", "projection_name", "age",
                   "age_group", "age_group_pred", "label", *FRACTURE_SUBGROUPS.values()]].copy()
     table = table.loc[:, ~table.columns.duplicated()]
-    models = {key: common.load_checkpoint(out_dir / key[0] / f"group{key[1]}" / "best.pt") for key in test_probs}
+    test_probs = {key: deployment["test_probs"] for key, deployment in deployments.items()}
+    models = deployments  # each key's threshold(s) and calibration map, as 07 reads them
     for route, column in (("true", "age_group"), ("pred", "age_group_pred")):
         keys = list(zip(table["projection_name"], table[column].fillna(-1).astype(int)))
         raw = np.array([test_probs[k].get(f, np.nan) if k in test_probs else np.nan
@@ -771,7 +844,7 @@ def write_ablation(out_dir, test, arm_probs, args) -> None:
             table[f"{arm}_{column}"] = [
                 models[(p, int(g))].get(f, np.nan) if (p, g) in models else np.nan
                 for f, p, g in zip(table["filestem"], table["projection_name"], table[route].fillna(-1).astype(int))]
-    arms = [a for a in ("pooled", "scratch", "from_pooled", "from_file") if a in arm_probs]
+    arms = [a for a in ("pooled", "scratch", "from_pooled", "from_file", "mean", "deployed") if a in arm_probs]
     scopes = [(f"{p}_group{g}", (table["projection_name"] == p) & (table["route_group"] == g), "group")
               for p, g in sorted({key for models in arm_probs.values() for key in models})]
     scopes.append((cascade, table["projection_name"].isin(args.projections), "cascade"))

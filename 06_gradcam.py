@@ -1,13 +1,16 @@
 """Stage 06: Grad-CAM++ overlays showing where each fracture model looks, on its test images.
 
-For every fracture model 04 trained, the test images it scores (its projection and age group) are
-explained with Grad-CAM++ (Chattopadhay et al. 2018) for the fracture logit, computed in fp32 on
-the unwrapped model. The map is drawn on the ORIGINAL image (the letterbox padding is cut off and
-the map stretched back to the image's own height and width), captioned with the probability, the
-model's validation-chosen threshold, the label and the outcome (TP/FP/FN/TN). Errors are shown
-first: true positives, false positives and false negatives in turn, then true negatives.
+For every age group's deployed model (04's choice on validation: the pooled model, the group's
+own, or the mean of the two, whose maps are averaged as their probabilities are), the test images
+it scores (its projection and age group) are explained with Grad-CAM++ (Chattopadhay et al.
+2018) for the fracture logit, computed in fp32 on the unwrapped model. The map is drawn on the
+ORIGINAL image (the letterbox padding is cut off and the map stretched back to the image's own
+height and width), captioned with the probability, the deployment's validation-chosen threshold,
+the label and the outcome (TP/FP/FN/TN). Errors are shown first: true positives, false positives
+and false negatives in turn, then true negatives.
 
-Reads   OUT/fracture/{AP,Lat}/group{g}/best.pt and OUT/fracture/test_predictions.csv (from 04),
+Reads   OUT/fracture/{AP,Lat}/group{g}/deployed.json, the best.pt files it names and
+        OUT/fracture/test_predictions.csv (from 04),
         OUT/splits/wrist_test.csv (01: where each test image lies)
 Writes  OUT/gradcam/{AP,Lat}/group{g}/<filestem>_p{prob:.2f}_y{label}.png   one overlay per image
         OUT/gradcam/{AP,Lat}/group{g}/grid.png   the first overlays of that model side by side
@@ -54,18 +57,19 @@ def main(argv=None):
     args = parse_args(argv)
     common.import_torch()
     predictions = _read_test_predictions(args.out)
-    model_paths = list(common.fracture_models(args.out / "fracture").values())
-    if not model_paths:
+    deployments = common.fracture_models(args.out / "fracture")
+    if not deployments:
         raise common.InputError(f"{args.out / 'fracture'}: no trained fracture model (best.pt); run "
                                 "04_train_fracture_ddp.py with the same --out first")
     out_dir = common.ensure_writable_dir(args.out / "gradcam")
     device = common.resolve_device(args.device)
     rows, unreadable = [], 0
-    for model_path in model_paths:
-        model, checkpoint = common.load_trained_model(model_path, device)
-        projection, group = checkpoint["projection"], int(checkpoint["age_group"])
-        threshold = float(checkpoint.get("threshold", 0.5))
-        chosen = choose_images(_images_of_model(predictions, checkpoint), threshold, args.max_per_model)
+    for (projection, group), deployed in deployments.items():
+        models = [common.load_trained_model(path, device) for path in deployed["paths"]]
+        checkpoint = models[-1][1]
+        threshold = float(deployed["threshold"])
+        chosen = choose_images(_images_of_model(predictions, projection, group, checkpoint.get("route", "true")),
+                               threshold, args.max_per_model)
         model_dir = out_dir / projection / f"group{group}"
         common.log(f"{projection} group {group}: Grad-CAM++ on {len(chosen)} test images "
                    f"({', '.join(f'{n} {o}' for o, n in chosen['outcome'].value_counts().items())}), "
@@ -77,7 +81,8 @@ def main(argv=None):
             unreadable += len(batch) - len(readable)
             if not readable:
                 continue
-            cams, probs = common.grad_cam_plus_plus(model, np.stack(squares), device)
+            maps = [common.grad_cam_plus_plus(model, np.stack(squares), device) for model, _ in models]
+            cams, probs = np.mean([m[0] for m in maps], axis=0), np.mean([m[1] for m in maps], axis=0)
             for row, cam, box, prob in zip(readable, cams, boxes, probs):
                 # The outcome is re-read from this fp32 pass, so caption, name and colour agree.
                 outcome = outcome_of(row.label, prob, threshold)
@@ -95,13 +100,13 @@ def main(argv=None):
         if tiles:
             _save_grid(tiles, model_dir / "grid.png",
                        f"Grad-CAM++ {projection} group {group} (threshold {threshold:.3f})")
-        del model
+        del models
     index = pd.DataFrame(rows, columns=["projection", "age_group", "filestem", "label", "prob",
                                         "threshold", "outcome", "overlay"])
     common.write_csv(index, out_dir / "index.csv")
     common.write_run_config(out_dir, args)
     skipped = f", {unreadable} unreadable image(s) skipped" if unreadable else ""
-    common.log(f"Grad-CAM++: {len(index)} overlays from {len(model_paths)} models{skipped} -> {out_dir}")
+    common.log(f"Grad-CAM++: {len(index)} overlays from {len(deployments)} deployed models{skipped} -> {out_dir}")
 
 
 def _read_test_predictions(out: Path) -> pd.DataFrame:
@@ -115,12 +120,10 @@ def _read_test_predictions(out: Path) -> pd.DataFrame:
     return predictions.merge(test, on="filestem", how="inner")
 
 
-def _images_of_model(predictions: pd.DataFrame, checkpoint: dict) -> pd.DataFrame:
-    """The test images this model scored: its projection, routed to its age group as in 04."""
-    route = checkpoint.get("route", "true")
+def _images_of_model(predictions: pd.DataFrame, projection: str, group: int, route: str) -> pd.DataFrame:
+    """The test images a group's deployed model scored: its projection, routed to its age group as in 04."""
     group_column = "age_group" if route == "true" else "age_group_pred"
-    mine = predictions[(predictions["projection_name"] == checkpoint["projection"])
-                       & (predictions[group_column] == checkpoint["age_group"])]
+    mine = predictions[(predictions["projection_name"] == projection) & (predictions[group_column] == group)]
     return mine.rename(columns={f"prob_route_{route}": "prob"}).dropna(subset=["prob"])
 
 

@@ -242,7 +242,7 @@ def _prediction_rows_from_csv(csv_path: Path) -> list[dict]:
     path_column = next((c for c in ("image_path", "path") if c in table.columns), None)
     if path_column is None:
         raise common.InputError(f"{csv_path}: no `image_path` (or `path`) column; the CSV needs one "
-                         f"image path per row, plus optional {', '.join(PREDICTION_CSV_COLUMNS)}")
+                                f"image path per row, plus optional {', '.join(PREDICTION_CSV_COLUMNS)}")
     table = table[table[path_column] != ""]
     _check_prediction_labels(table, csv_path)
     return [{"input_path": record[path_column],
@@ -262,7 +262,7 @@ def _check_prediction_labels(table: pd.DataFrame, csv_path: Path) -> None:
     missing = [c for c in needed if c not in table or table[c].eq("").any()]
     if missing:
         raise common.InputError(f"{csv_path}: labels but no {' and '.join(missing)} on every row; the "
-                         "evaluation resamples patients and scores studies")
+                                "evaluation resamples patients and scores studies")
 
 
 def resolve_prediction_metadata(images: pd.DataFrame, study_salt: bytes, *, projection: str | None = None,
@@ -425,7 +425,7 @@ def _no_fracture_track(images: pd.DataFrame) -> None:
 
 def _age_edges(fracture_models: dict) -> tuple[float, ...]:
     """The age edges the fracture models were trained with (each checks it agrees when loaded)."""
-    checkpoint = common.load_checkpoint(next(iter(fracture_models.values())))
+    checkpoint = common.load_checkpoint(next(iter(fracture_models.values()))["paths"][0])
     return tuple(float(e) for e in checkpoint["age_edges"])
 
 
@@ -443,7 +443,7 @@ def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, devi
     if not router_path.is_file():
         for index in unknown:
             skip_image(images, index, "no age and no age router", f"{router_path} not found: "
-                              "give an age (CSV column, --age) or run 03_train_age.py")
+                       "give an age (CSV column, --age) or run 03_train_age.py")
         return
     router, checkpoint = common.load_trained_model(router_path, device)
     _check_edges(checkpoint, edges, router_path)
@@ -494,37 +494,40 @@ def _infer(model, squares: np.ndarray, device, *extra):
 
 def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, device, out_dir: Path,
                       dicom_out: DicomResults | None = None) -> None:
-    """Run each (projection, age group) model on its images; with --cam also write Grad-CAM++
-    overlays (common's, as 06 draws them); with --dicom-out file them as Secondary Captures."""
+    """Run each (projection, age group)'s deployed models on its images (the mean of their
+    probabilities when 04 deployed two); with --cam also write Grad-CAM++ overlays (common's, as
+    06 draws them, averaged over the models); with --dicom-out file them as Secondary Captures."""
     import torch
-    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "model", "cam_path"):
+    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "raw_threshold", "model", "cam_path"):
         images[column] = None
     ready = images[images["skip_reason"].isna() & images["age_group"].notna()]
     for (projection, group), members in ready.groupby(["projection", "age_group"]):
         group = int(group)
-        model_path = fracture_models.get((projection, group))
-        if model_path is None:
+        deployed = fracture_models.get((projection, group))
+        if deployed is None:
             for index in members.index:
                 skip_image(images, index, "no fracture model for the group",
-                                  _missing_model_detail(args.models, projection, group, edges))
+                           _missing_model_detail(args.models, projection, group, edges))
             continue
-        model, checkpoint = common.load_trained_model(model_path, device)
-        _check_edges(checkpoint, edges, model_path)
-        threshold = float(checkpoint.get("threshold", 0.5))
-        relative = model_path.relative_to(args.models).as_posix()
+        models = [common.load_trained_model(path, device) for path in deployed["paths"]]
+        for path, (_, checkpoint) in zip(deployed["paths"], models):
+            _check_edges(checkpoint, edges, path)
+        threshold, calibration = float(deployed["threshold"]), deployed["calibration"]
+        relative = "+".join(path.relative_to(args.models).as_posix() for path in deployed["paths"])
         for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
                                                 args.batch_size, f"{projection} group {group}",
                                                 skip_image):
-            probs = torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy().astype(float)
-            calibration = checkpoint.get("calibration")
+            probs = np.mean([torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy() for model, _ in models],
+                            axis=0).astype(float)
             images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
             images.loc[indices, "raw_prob"] = probs
             images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
             images.loc[indices, "threshold"] = float(common.apply_calibration([threshold], calibration)[0])
+            images.loc[indices, "raw_threshold"] = threshold
             images.loc[indices, "model"] = relative
             cams = None  # the --cam maps serve --dicom-out too
             if args.cam:
-                cams, _ = common.grad_cam_plus_plus(model, squares, device)
+                cams = _mean_cam(models, squares, device)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
                     stem = Path(images.at[index, "input_path"]).stem  # the UID-free name
                     name = f"{index:05d}_{stem}_p{prob:.2f}.png"
@@ -533,8 +536,13 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
                     common.write_png(overlay, out_dir / "gradcam" / name)
                     images.at[index, "cam_path"] = f"gradcam/{name}"
             if dicom_out:
-                dicom_out.file_overlays(images, indices, squares, boxes, cams, model, device)
-        del model
+                dicom_out.file_overlays(images, indices, squares, boxes, cams, models, device)
+        del models
+
+
+def _mean_cam(models: list, squares: np.ndarray, device) -> np.ndarray:
+    """Grad-CAM++ of the deployed models, averaged as their probabilities are."""
+    return np.mean([common.grad_cam_plus_plus(model, squares, device)[0] for model, _ in models], axis=0)
 
 
 def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
@@ -670,7 +678,7 @@ def evaluate_predictions(images: pd.DataFrame, skipped: pd.DataFrame, edges, out
             f"images of {result['n_patients']} patients -> {hide(out_dir / 'EVALUATION.md')}")
     if "boneage" in result:
         common.log(f"07 external validation: bone-age MAE {result['boneage']['mae']:.1f} months "
-            f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
+                   f"[{result['boneage']['mae_lo']:.1f}, {result['boneage']['mae_hi']:.1f}]")
     return result
 
 
@@ -720,13 +728,13 @@ def _fracture_evaluation(images: pd.DataFrame, n_boot: int, seed: int, out_dir: 
     labels, probs = images["label"].astype(int).to_numpy(), images["fracture_prob"].astype(float).to_numpy()
     patients = images["patient_id"].astype(str).to_numpy()
     studies = common.study_table(images.assign(fracture_pred=images["fracture_pred"].astype(int),
-                                        fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
+                                               fracture_prob=probs, label=labels), "fracture_prob", "fracture_pred")
     studies = studies.astype({"label": int, "prob": float, "decision": int})
     common.plot_roc(labels, probs, out_dir / "roc.png", "external validation, images")
     common.plot_pr(labels, probs, out_dir / "pr.png", "external validation, images")
     common.plot_reliability({"images": (labels, probs), "studies": (studies["label"].to_numpy(),
-                                                             studies["prob"].to_numpy())},
-                     out_dir / "reliability.png", "calibration (external)")
+                                                                    studies["prob"].to_numpy())},
+                            out_dir / "reliability.png", "calibration (external)")
     return {
         "image": metrics_at_stored_thresholds(labels, probs, images["fracture_pred"], patients, n_boot, seed),
         "study": metrics_at_stored_thresholds(studies["label"], studies["prob"], studies["decision"],
@@ -746,14 +754,14 @@ def metrics_at_stored_thresholds(labels, probs, decisions, patients, n_boot: int
     threshold metric counts the stored 0/1 decisions.
     """
     result = common.binary_metrics_with_ci(labels, probs, patients, float("nan"), n_boot=n_boot, seed=seed,
-                                    decisions=np.asarray(decisions, dtype=int))
+                                           decisions=np.asarray(decisions, dtype=int))
     result["threshold"] = "stored per model"
     return result
 
 
 def _bone_age_error(known: pd.DataFrame, n_boot: int, seed: int) -> dict:
     errors = common.regression_metrics_with_ci(known["boneage"].astype(float), known["bone_age_months"].astype(float),
-                                        known["patient_id"].astype(str), n_boot, seed)
+                                               known["patient_id"].astype(str), n_boot, seed)
     return {key: errors[key] for key in ("n", "mae", "mae_lo", "mae_hi")}
 
 
@@ -877,13 +885,13 @@ class DicomResults:
         self.files = []      # the names written, in order: what --store sends
         self.algorithms = {}
 
-    def file_overlays(self, images: pd.DataFrame, indices, squares, boxes, cams, model, device) -> None:
+    def file_overlays(self, images: pd.DataFrame, indices, squares, boxes, cams, models, device) -> None:
         """A Secondary Capture per DICOM image of a batch: its Grad-CAM++ overlay, drawn as --cam
         draws it (the --cam maps when given), with the decision and "not for diagnostic use"."""
         chosen = [i for i, index in enumerate(indices) if common.is_dicom(images.at[index, "path"])]
         if not chosen:
             return
-        cams = common.grad_cam_plus_plus(model, squares[chosen], device)[0] if cams is None else cams[chosen]
+        cams = _mean_cam(models, squares[chosen], device) if cams is None else cams[chosen]
         for i, cam in zip(chosen, cams):
             index = indices[i]
             text = common.caption(float(images.at[index, "fracture_prob"]), float(images.at[index, "threshold"]))
@@ -971,7 +979,8 @@ class DicomResults:
         """TID 1501: fracture present/absent at the model's threshold, both probabilities and
         both thresholds (predictions.csv's values), the algorithm, the source image."""
         import highdicom as hd
-        facts = self._algorithm(image["model"])
+        facts = self._algorithm(image["model"], (image["projection"], int(image["age_group"]),
+                                                 float(image["raw_threshold"])))
         probability = _probability_unit()
         present = int(image["fracture_pred"]) == 1
         return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -988,7 +997,7 @@ class DicomResults:
                 hd.sr.Measurement(_private("threshold", "Decision threshold (calibrated)"),
                                   float(image["threshold"]), probability),
                 hd.sr.Measurement(_private("raw-threshold", "Decision threshold (model output)"),
-                                  facts["raw_threshold"], probability)],
+                                  float(image["raw_threshold"]), probability)],
             qualitative_evaluations=[_fracture_finding(present)],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
@@ -1022,20 +1031,26 @@ class DicomResults:
             qualitative_evaluations=[_fracture_finding(int(study.fracture_pred) == 1)],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources])
 
-    def _algorithm(self, relative: str) -> dict:
-        """Architecture, file hash, threshold rule and calibration of a model, read once per run."""
+    def _algorithm(self, relative: str, decision: tuple | None = None) -> dict:
+        """Architecture, file hashes and, for a fracture group's deployment (`decision`: projection,
+        age group, raw threshold), its arm and threshold rule: read once per run. `relative` is
+        predictions.csv's `model`, two files joined by '+' when 04 deployed their mean."""
         if relative not in self.algorithms:
-            path = self.models / relative
-            checkpoint = common.load_checkpoint(path)
-            parameters = [f"model file {relative}", f"model sha256 {_sha256(path)}"]
-            if "threshold" in checkpoint:
-                rule = _threshold_rule(self.models, checkpoint)
-                parameters += [f"decision: fracture when the model output >= {checkpoint['threshold']:.4f} ({rule}); "
+            paths = relative.split("+")
+            arches = [common.load_checkpoint(self.models / path)["arch"] for path in paths]
+            parameters = [text for path in paths
+                          for text in (f"model file {path}", f"model sha256 {_sha256(self.models / path)}")]
+            if decision is not None:
+                projection, group, threshold = decision
+                deployed = _deployment_row(self.models, projection, group)
+                arm = deployed.get("deployed") or "the group's own model"
+                rule = deployed.get("threshold_source") or "Youden's J on validation"
+                parameters += [f"deployed for {projection} age group {group}: {arm}"
+                               + (" (the mean of the models' probabilities)" if len(paths) > 1 else ""),
+                               f"decision: fracture when the model output >= {threshold:.4f} (chosen by {rule}); "
                                "the calibrated threshold gives the same decision",
-                               f"calibration: {(checkpoint.get('calibration') or {}).get('method', 'none')}, "
-                               "fitted on validation"]
-            self.algorithms[relative] = {"arch": checkpoint["arch"], "parameters": parameters,
-                                         "raw_threshold": float(checkpoint.get("threshold", 0.5))}
+                               f"calibration: {deployed.get('calibration_source') or 'own'}, fitted on validation"]
+            self.algorithms[relative] = {"arch": "+".join(dict.fromkeys(arches)), "parameters": parameters}
         return self.algorithms[relative]
 
     def _report(self, groups: list, sources: list):
@@ -1159,17 +1174,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _threshold_rule(models: Path, checkpoint: dict) -> str:
-    """How 04 chose the threshold: summary.csv's threshold_source for the model (a small group
-    borrows the pooled model's), else the rule 04 applies by default."""
+def _deployment_row(models: Path, projection: str, group: int) -> dict:
+    """04's summary.csv row of the group: the arm it deployed, how it chose the threshold (a small
+    group borrows the pooled model's) and the calibration map; {} without one."""
     summary = models / "fracture" / "summary.csv"
-    if summary.is_file():
-        rows = pd.read_csv(summary, dtype=str, keep_default_na=False)
-        match = rows[(rows["kind"] == "model") & (rows["projection"] == checkpoint.get("projection"))
-                     & (rows["age_group"] == str(checkpoint.get("age_group")))]
-        if "threshold_source" in rows and not match.empty and match["threshold_source"].iloc[0]:
-            return f"chosen by {match['threshold_source'].iloc[0]}"
-    return "chosen by Youden's J on validation"
+    if not summary.is_file():
+        return {}
+    rows = pd.read_csv(summary, dtype=str, keep_default_na=False)
+    match = rows[(rows["kind"] == "model") & (rows["projection"] == projection) & (rows["age_group"] == str(group))]
+    return match.iloc[0].to_dict() if len(match) else {}
 
 
 def store_results(results: DicomResults, target: tuple[str, int, str], calling_aet: str) -> None:

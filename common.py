@@ -2254,18 +2254,27 @@ def log_mlflow_run(mlflow, *, history_csv: Path | None = None, metrics: dict | N
 MAX_OVERLAY_SIDE = 1024  # full-size radiographs would make 10 MB PNGs
 
 
-def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], Path]:
-    """{(projection, age group): best.pt} of every model 04 trained, AP before Lat, groups in
-    order; a group 04 skipped has no best.pt. (06 and 07 use this.)"""
+def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], dict]:
+    """{(projection, age group): what 06 and 07 deploy for it}, AP before Lat, groups in order:
+    04's deployed.json (the arm chosen on validation: `paths`, the model files whose fracture
+    probabilities are averaged, with its `threshold` on their raw mean and its `calibration`
+    map), or, in a run from before 04 chose arms, the group's best.pt alone with the threshold
+    and map its checkpoint holds. A group 04 skipped has neither."""
     found = {}
     for projection in PROJECTIONS:
         groups = sorted(int(folder.name.removeprefix("group"))
                         for folder in (Path(fracture_dir) / projection).glob("group*")
                         if folder.name.removeprefix("group").isdigit())
         for group in groups:
-            path = Path(fracture_dir) / projection / f"group{group}" / "best.pt"
-            if path.is_file():
-                found[(projection, group)] = path
+            folder = Path(fracture_dir) / projection / f"group{group}"
+            if (folder / "deployed.json").is_file():
+                record = read_json(folder / "deployed.json")
+                found[(projection, group)] = {**record, "paths": [Path(fracture_dir) / m for m in record["models"]]}
+            elif (folder / "best.pt").is_file():
+                checkpoint = load_checkpoint(folder / "best.pt")
+                found[(projection, group)] = {"arm": "group model", "paths": [folder / "best.pt"],
+                                              "threshold": float(checkpoint.get("threshold", 0.5)),
+                                              "calibration": checkpoint.get("calibration")}
     return found
 
 

@@ -106,7 +106,7 @@ def test_hospital_table_runs_01_to_04_with_every_guarantee(hospital_run):
     assert (summary["status"] == "evaluated").any() or (summary["status"] == "trained").any()
     trained = list(common.fracture_models(out / "fracture").values())
     assert trained
-    checkpoint = common.load_checkpoint(trained[0])
+    checkpoint = common.load_checkpoint(trained[0]["paths"][-1])
     # 04 fine-tuned from 03's router: the starting weights' file and hash are in the checkpoint.
     assert checkpoint["init"].startswith("best.pt:")
 
