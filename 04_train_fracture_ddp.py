@@ -8,14 +8,19 @@ Pooled start, per-group finish (--init pooled, default): per projection, a model
 age groups first (evaluated like a group model), then each group model fine-tuned from it at
 --finetune-lr for up to --finetune-epochs: the youngest groups' few dozen images are too few to
 learn a thin cortical line from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt).
---ablation also trains the other arm into OUT/fracture/ablation/<arm>/: ablation.csv compares the
-pooled model alone, groups from scratch and groups from pooled on the same test images.
+Each group then deploys what wins on its own validation images: the pooled model, its own model,
+or the mean of the two models' probabilities (a group with < 5 validation images of a class: the
+pooled model). --ablation also trains the other arm into OUT/fracture/ablation/<arm>/: ablation.csv
+compares every arm (pooled, scratch, from_pooled, mean, deployed) on the same test images.
 
 Reads   OUT/splits/wrist_{train,val,test}.csv, age_groups.json (01/02);
         OUT/age/predictions.csv (03) with --route pred and for the predicted-group cascade
 Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and calibration map),
         last.pt (resumable), history.csv, metrics.json, roc.png, pr.png, curves.png, confusion.png
         OUT/fracture/{AP,Lat}/pooled/    the same for the all-ages model (with --init pooled)
+        OUT/fracture/{AP,Lat}/group{g}/deployed.json  what 06 and 07 deploy for the group, chosen
+                                          on its validation images: the pooled model, its own
+                                          model or their mean; model files, threshold, map
         OUT/fracture/summary.csv          one row per model (or its skip reason) + cascade rows
         OUT/fracture/operating_points.csv each model, cascade_true/pred and study_pred at the rules
                                           youden, sens90, sens95, with 95% CIs; test_studies.csv
@@ -26,9 +31,9 @@ Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and cali
         OUT/fracture/ablation_predictions.csv  each arm's probability for every test image
         OUT/fracture/test_predictions.csv every test image's raw and calibrated probability
         OUT/fracture/config.json
-main() tells the training story; the choices made on validation (thresholds, calibration) and the
-test evaluation (summary, operating points, studies, calibration, subgroups, ablation) follow it,
-each under its own heading.
+main() tells the training story; the choices made on validation (deployed arm, thresholds,
+calibration) and the test evaluation (summary, operating points, studies, calibration, subgroups,
+ablation) follow it, each under its own heading.
 
 Imbalance is corrected once, never twice: by default the sampler draws balanced batches and the
 focal loss uses alpha = 0.5 (focusing only). With --sampler none, focal alpha is the negative-class
@@ -397,7 +402,7 @@ def _log_mlflow(mlflow, row, run_dir) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Choices made on validation: thresholds, calibration, starting weights
+# Choices made on validation: thresholds, calibration, the deployed arm, starting weights
 # ------------------------------------------------------------------------------------------------
 
 def weights_fingerprint(state_dict: dict) -> str:

@@ -164,10 +164,19 @@ def _report_fracture(out: Path) -> list[str]:
     pictures = [f"![{r.projection} group {int(r.age_group)} ROC](fracture/{r.projection}/group{int(r.age_group)}/roc.png) "
                 f"![PR](fracture/{r.projection}/group{int(r.age_group)}/pr.png) "
                 f"![curves](fracture/{r.projection}/group{int(r.age_group)}/curves.png)" for r in trained.itertuples()]
-    return lines + ["", "Cascade rows route every test image to the model of its true (or 03-predicted) "
-                    "age group and pool the calibrated probabilities (each model's raw scale differs); "
-                    "the study row scores a study (patient, study, laterality) by its most suspicious "
-                    "image. Per-image probabilities: `fracture/test_predictions.csv`.", "", *pictures, ""]
+    deployed = [f"- {r['projection']} group {int(r['age_group'])}: **{r['deployed']}** ({r['deployed_reason']}; "
+                "validation AUC " + ", ".join(f"{c.removeprefix('val_auc_')} {fmt(r[c])}" for c in summary
+                                              if c.startswith("val_auc_") and pd.notna(r[c])) + ")"
+                for r in trained.to_dict("records") if pd.notna(r.get("deployed"))]
+    return lines + ["", "The rows above are each group's own model. What 06 and 07 deploy for a group was "
+                    "chosen on its validation images: the pooled model, the group's own model or the "
+                    "mean of the two, by validation AUC; a group with fewer than 5 validation images of "
+                    "a class takes the pooled model.", "", *deployed, "",
+                    "Cascade rows route every test image to its true (or 03-predicted) age group's "
+                    "deployed model and pool the calibrated probabilities (each model's raw scale "
+                    "differs); the study row scores a study (patient, study, laterality) by its most "
+                    "suspicious image. Per-image probabilities: `fracture/test_predictions.csv`.", "",
+                    *pictures, ""]
 
 
 def _report_operating_points(out: Path) -> list[str]:
@@ -255,12 +264,15 @@ def _report_ablation(out: Path) -> list[str]:
     if not path.is_file():
         return []
     ablation = pd.read_csv(path)
-    arms = [arm for arm in ("pooled", "scratch", "from_pooled", "from_file") if arm in set(ablation["arm"])]
+    arms = [arm for arm in ("pooled", "scratch", "from_pooled", "from_file", "mean", "deployed")
+            if arm in set(ablation["arm"])]
     lines = ["### Pooled start against per-group models (ablation)", "",
              "Test AUC on the same images: `pooled` is one model per projection trained on every age "
              "group, `scratch` per-group models from random weights, `from_pooled` per-group models "
-             "fine-tuned from the pooled one (the default). `04_train_fracture_ddp.py --ablation` "
-             "trains the arm the run itself did not.", "",
+             "fine-tuned from the pooled one, `mean` the mean of the pooled and the group model's "
+             "probabilities, `deployed` what 04 chose for each group on its validation images and 07 "
+             "deploys (summary.csv: `deployed`). `04_train_fracture_ddp.py --ablation` trains the arm "
+             "the run itself did not.", "",
              "| scope | n | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
     for scope, rows in ablation.groupby("scope", sort=False):
         by_arm = {row["arm"]: row for row in rows.to_dict("records")}

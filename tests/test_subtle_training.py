@@ -145,7 +145,7 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
     expected_scopes = {f"AP_group{g}" for g in trained["age_group"].astype(int)} | {"cascade_true"}
     assert set(ablation["scope"]) == expected_scopes
     for scope, rows in ablation.groupby("scope"):
-        assert sorted(rows["arm"]) == ["from_pooled", "pooled", "scratch"], scope
+        assert sorted(rows["arm"]) == ["deployed", "from_pooled", "mean", "pooled", "scratch"], scope
         assert rows["n"].nunique() == 1 and rows["n"].iloc[0] > 0  # the same test images for every arm
     scored = ablation.dropna(subset=["auc_lo"])
     assert ((scored["auc_lo"] <= scored["auc"]) & (scored["auc"] <= scored["auc_hi"])).all()
@@ -156,7 +156,7 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
     # the demo's answer key splits every arm's AUC into subtle and obvious fractures
     kinds = _load_script("subtle_vs_obvious").main(["--out", str(run_out), "--demo", str(small_demo),
                                                     "--bootstrap", "50"])
-    assert set(kinds["arm"]) == {"pooled", "scratch", "from_pooled"}
+    assert set(kinds["arm"]) == {"pooled", "scratch", "from_pooled", "mean", "deployed"}
     assert set(kinds["kind"]) == {"subtle", "obvious", "all"}
     every = kinds[kinds["kind"] == "all"].set_index(["arm", "scope"])
     for kind in ("subtle", "obvious"):
@@ -214,12 +214,12 @@ def test_small_validation_groups_take_the_pooled_calibration_map():
     assert fracture_stage.small_group_calibration([1] * 11 + [0] * 2, None) == (None, "own")
 
 
-def _validated(tmp_path, shift: float, n: int = 400) -> tuple[dict, dict, list[dict]]:
-    """Four group models' validation probabilities, each the truth's logit moved by `shift`
-    (a balanced sampler's prior, say), with a best.pt each, as 04 leaves them before the choice."""
+def _deployments(shift: float, n: int = 400) -> tuple[dict, dict, list[dict]]:
+    """Four groups' deployed validation probabilities, each the truth's logit moved by `shift`
+    (a balanced sampler's prior, say), with the maps fitted on them, as 04 has them before the
+    cascade's calibration is chosen."""
     rng = np.random.default_rng(0)
-    frames, validated, rows = {"train": pd.DataFrame({"label": rng.integers(0, 2, n)})}, {}, []
-    val = []
+    frames, deployments, rows, val = {"train": pd.DataFrame({"label": rng.integers(0, 2, n)})}, {}, [], []
     for group in range(4):
         truth = rng.uniform(0.05, 0.95, n // 4)
         labels = (rng.uniform(size=n // 4) < truth).astype(int)
@@ -227,38 +227,53 @@ def _validated(tmp_path, shift: float, n: int = 400) -> tuple[dict, dict, list[d
         patients = [f"p{group}_{i // 2}" for i in range(n // 4)]  # two images per patient
         val.append(pd.DataFrame({"filestem": stems, "label": labels, "patient_id": patients}))
         raw = 1 / (1 + np.exp(-(np.log(truth / (1 - truth)) + shift)))
-        path = tmp_path / "AP" / f"group{group}" / "best.pt"
-        common.save_checkpoint({"calibration": fracture_stage.fit_calibration(labels, raw)}, path)
-        row = {"kind": "model", "projection": "AP", "age_group": group, "calibration_source": "own"}
-        validated[("AP", group)] = {"val_probs": pd.Series(raw, index=stems), "calibration": None, "row": row}
-        rows.append(row)
+        deployments[("AP", group)] = {"val_probs": pd.Series(raw, index=stems), "calibration_source": "own",
+                                      "calibration": fracture_stage.fit_calibration(labels, raw)}
+        rows.append({"kind": "model", "projection": "AP", "age_group": group, "calibration_source": "own"})
     frames["val"] = pd.concat(val, ignore_index=True)
-    return frames, validated, rows
+    return frames, deployments, rows
 
 
-def test_the_cascade_calibration_is_chosen_out_of_fold_and_stored_for_07(tmp_path):
+def test_the_cascade_calibration_is_chosen_out_of_fold_and_given_to_every_group():
     """One shared shift of every group's probabilities: a map must beat the raw probabilities out
-    of fold, and a single cascade map (2 parameters) is stored in every group's best.pt."""
-    frames, validated, rows = _validated(tmp_path, shift=2.0)
-    choice = fracture_stage.choose_calibration(tmp_path, frames, validated, rows)
+    of fold; a single cascade map (2 parameters), when chosen, is every group's map."""
+    frames, deployments, rows = _deployments(shift=2.0)
+    choice = fracture_stage.choose_calibration(frames, deployments, rows)
     ece = choice["out_of_fold_ece_at_prevalence"]
     assert set(ece) == {"none", "cascade", "per model"} and choice["n_val"] == 400
     assert choice["deployed"] != "none" and ece[choice["deployed"]] == min(ece.values()) < ece["none"] - 0.05
-    maps = [common.load_checkpoint(tmp_path / "AP" / f"group{g}" / "best.pt")["calibration"] for g in range(4)]
+    maps = [deployment["calibration"] for deployment in deployments.values()]
     if choice["deployed"] == "cascade":
         assert all(m == maps[0] for m in maps) and maps[0]["method"] == "platt"
     assert {row["calibration_source"] for row in rows} == {"own" if choice["deployed"] == "per model" else "cascade"}
-    # Already calibrated probabilities: nothing beats them by much, and a worse map is never kept.
-    frames, validated, rows = _validated(tmp_path / "calibrated", shift=0.0)
-    choice = fracture_stage.choose_calibration(tmp_path / "calibrated", frames, validated, rows)
-    ece = choice["out_of_fold_ece_at_prevalence"]
-    assert ece[choice["deployed"]] <= ece["none"]
-    # One patient: nothing to cross-validate on, so the per-model maps stay as they are.
-    frames, validated, rows = _validated(tmp_path / "one", shift=2.0)
+    # Already calibrated probabilities: a map worse than none out of fold is never kept.
+    frames, deployments, rows = _deployments(shift=0.0)
+    choice = fracture_stage.choose_calibration(frames, deployments, rows)
+    assert choice["out_of_fold_ece_at_prevalence"][choice["deployed"]] <= choice["out_of_fold_ece_at_prevalence"]["none"]
+    # One patient: nothing to cross-validate on, so the per-group maps stay as they are.
+    frames, deployments, rows = _deployments(shift=2.0)
     frames["val"]["patient_id"] = "p0"
-    before = common.load_checkpoint(tmp_path / "one" / "AP" / "group0" / "best.pt")["calibration"]
-    assert fracture_stage.choose_calibration(tmp_path / "one", frames, validated, rows) == {}
-    assert common.load_checkpoint(tmp_path / "one" / "AP" / "group0" / "best.pt")["calibration"] == before
+    before = [deployment["calibration"] for deployment in deployments.values()]
+    assert fracture_stage.choose_calibration(frames, deployments, rows) == {}
+    assert [deployment["calibration"] for deployment in deployments.values()] == before
+
+
+def test_a_group_deploys_the_arm_that_wins_on_its_validation_images():
+    """The fine-tuned model worse on validation: the pooled model is deployed; better: the
+    fine-tuned one; too few normals to tell: the pooled model, whatever the AUCs say."""
+    rng = np.random.default_rng(1)
+    labels = np.array([1] * 30 + [0] * 30)
+    sharp, blurred = labels + rng.normal(0, 0.3, 60), labels + rng.normal(0, 3.0, 60)
+    worse = {"pooled": pd.Series(sharp), "from_pooled": pd.Series(blurred), "mean": pd.Series((sharp + blurred) / 2)}
+    arm, aucs, reason = fracture_stage.choose_arm(labels, worse)
+    assert arm == "pooled" and aucs["pooled"] > aucs["from_pooled"] and reason == "highest validation AUC"
+    better = {"pooled": pd.Series(blurred), "from_pooled": pd.Series(sharp), "mean": pd.Series(blurred)}
+    assert fracture_stage.choose_arm(labels, better)[0] == "from_pooled"
+    few = labels[:34]  # 30 fractures, 4 normals
+    arm, _, reason = fracture_stage.choose_arm(few, {name: probs[:34] for name, probs in better.items()})
+    assert arm == "pooled" and "4 negative" in reason
+    # A tie goes to the simpler arm: one model before the mean of two.
+    assert fracture_stage.choose_arm(labels, {"mean": pd.Series(sharp), "from_pooled": pd.Series(sharp)})[0] == "from_pooled"
 
 
 RESUME = [*TINY, "--preset", "demo", "--projections", "Lat", "--groups", "2", "--epochs", "3", "--patience", "10"]
