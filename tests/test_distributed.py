@@ -70,8 +70,9 @@ def test_04_two_ranks_pooled_start_uneven_batch_crash_restart_and_resume(split_o
     group = torch.load(folder / "last.pt", weights_only=True)
     assert group["meta"]["init"] == f"pooled:{fracture_stage.weights_fingerprint(pooled['state_dict'])}"
     assert torch.load(folder / "best.pt", weights_only=True)["threshold"] is not None
+    assert json.loads((folder / "deployed.json").read_text())["arm"] in {"pooled", "from_pooled", "mean"}
     assert (run_out / "fracture" / "summary.csv").is_file()  # rank 0 finished after the restart
-    assert set(pd.read_csv(run_out / "fracture" / "ablation.csv")["arm"]) == {"pooled", "from_pooled"}
+    assert set(pd.read_csv(run_out / "fracture" / "ablation.csv")["arm"]) == {"pooled", "from_pooled", "mean", "deployed"}
 
 
 def test_03_two_ranks_swin_crash_restart_and_resume(split_out, tmp_path):

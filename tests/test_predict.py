@@ -251,6 +251,33 @@ def test_a_view_the_fracture_models_cannot_use_still_gets_its_bone_age(predict, 
     assert skipped[["reason", "task"]].values.tolist() == [["projection not AP or Lat", "fracture"]]
 
 
+def test_a_deployed_mean_averages_both_models_at_the_deployed_threshold(predict, models, tmp_path):
+    """04 deployed the mean of two models for Lat group 1 (deployed.json): 07's raw probability is
+    the mean of their probabilities, decided at the deployment's threshold, reported through its
+    map, and the Grad-CAM++ overlay is drawn too."""
+    run_dir = tmp_path / "outputs"
+    shutil.copytree(models, run_dir)
+    calibration = {"method": "platt", "slope": 0.8, "intercept": -0.3, "n": 40, "reason": ""}
+    common.write_json({"arm": "mean", "models": ["Lat/group2/best.pt", "Lat/group1/best.pt"], "threshold": 0.47,
+                       "thresholds": {"youden": 0.47}, "calibration": calibration},
+                      run_dir / "fracture" / "Lat" / "group1" / "deployed.json")
+    path = write_png16(tmp_path / "wrist.png", seed=5, shape=(120, 64))
+    table, _ = run(predict, [path], run_dir, tmp_path / "out", "--projection", "Lat", "--age", "7", "--cam")
+    square, _ = common.preprocess_image(path, SIZE)
+    images = common.prepare_images(torch.from_numpy(square)[None, None], torch.device("cpu"), train=False,
+                                   channels_last=False)
+    with torch.no_grad():
+        probs = [torch.sigmoid(common.load_trained_model(run_dir / "fracture" / "Lat" / f"group{g}" / "best.pt")[0]
+                               (images)).item() for g in (2, 1)]
+    row = table.iloc[0]
+    assert row["raw_prob"] == pytest.approx(np.mean(probs), abs=1e-6) and probs[0] != pytest.approx(probs[1])
+    assert row["fracture_pred"] == int(np.mean(probs) >= 0.47)
+    assert row["fracture_prob"] == pytest.approx(common.apply_calibration([np.mean(probs)], calibration)[0], abs=1e-6)
+    assert row["threshold"] == pytest.approx(common.apply_calibration([0.47], calibration)[0])
+    assert row["model"] == "fracture/Lat/group2/best.pt+fracture/Lat/group1/best.pt"
+    assert (tmp_path / "out" / row["cam_path"]).is_file()
+
+
 def test_bad_inputs_fail_in_one_line(predict, models, tmp_path):
     with pytest.raises(common.InputError, match="no such folder, CSV or image file"):
         predict.main([str(tmp_path / "nowhere.png"), "--models", str(models)])
