@@ -12,9 +12,11 @@ Each image gets (resolve_prediction_metadata reads the CSV row and the DICOM hea
                   --projection; with none it is a counted skip
   its age group   from its age (CSV, else the DICOM's PatientAge, else --age) with the age edges
                   stored in the models; with no age, predicted by the age router of 03
-  a fracture probability from the model 04 trained for that projection and age group, and a 0/1
-                  prediction at that model's threshold (chosen on validation in 04).
-                  fracture_prob is calibrated (the Platt map 04 fitted on validation), raw_prob
+  a fracture probability from what 04 deployed for that projection and age group (its
+                  deployed.json: the pooled model, the group's own, or the mean of the two, chosen
+                  on validation), and a 0/1 prediction at the deployment's threshold (chosen on
+                  validation in 04); `model` names its file(s), two joined by '+' for a mean.
+                  fracture_prob is calibrated (the Platt map 04 chose on validation), raw_prob
                   is the network's own output; the prediction is raw_prob >= the stored threshold,
                   and `threshold` is shown on the calibrated scale (the same decision).
 The image is preprocessed exactly as in training (common.preprocess_image at the model's size).
@@ -42,7 +44,8 @@ like a UID (1.2.840.113619.2.55.3.604688.12345.dcm) is written as uid-<the same 
 (hide_uids) in every output file, file name and log line, config.json's record of the
 inputs included; so is a CSV study_id that is a UID.
 
-Reads   MODELS/fracture/{AP,Lat}/group{g}/best.pt (04); MODELS/age/best.pt (03, for images
+Reads   MODELS/fracture/{AP,Lat}/group{g}/deployed.json and the best.pt files it names (04; a run
+        from before 04 chose arms: the group's best.pt); MODELS/age/best.pt (03, for images
         without an age); MODELS/boneage/best.pt (05, with --boneage)
 Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterality, projection,
                              projection_source (csv/dicom/flag), age_group, age_group_name,
