@@ -81,8 +81,7 @@ def main(argv=None):
             unreadable += len(batch) - len(readable)
             if not readable:
                 continue
-            maps = [common.grad_cam_plus_plus(model, np.stack(squares), device) for model, _ in models]
-            cams, probs = np.mean([m[0] for m in maps], axis=0), np.mean([m[1] for m in maps], axis=0)
+            cams, probs = common.deployed_grad_cam(models, np.stack(squares), device)
             for row, cam, box, prob in zip(readable, cams, boxes, probs):
                 # The outcome is re-read from this fp32 pass, so caption, name and colour agree.
                 outcome = outcome_of(row.label, prob, threshold)

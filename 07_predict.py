@@ -530,7 +530,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
             images.loc[indices, "model"] = relative
             cams = None  # the --cam maps serve --dicom-out too
             if args.cam:
-                cams = _mean_cam(models, squares, device)
+                cams, _ = common.deployed_grad_cam(models, squares, device)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
                     stem = Path(images.at[index, "input_path"]).stem  # the UID-free name
                     name = f"{index:05d}_{stem}_p{prob:.2f}.png"
@@ -542,10 +542,6 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
                 dicom_out.file_overlays(images, indices, squares, boxes, cams, models, device)
         del models
 
-
-def _mean_cam(models: list, squares: np.ndarray, device) -> np.ndarray:
-    """Grad-CAM++ of the deployed models, averaged as their probabilities are."""
-    return np.mean([common.grad_cam_plus_plus(model, squares, device)[0] for model, _ in models], axis=0)
 
 
 def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
@@ -894,7 +890,7 @@ class DicomResults:
         chosen = [i for i, index in enumerate(indices) if common.is_dicom(images.at[index, "path"])]
         if not chosen:
             return
-        cams = _mean_cam(models, squares[chosen], device) if cams is None else cams[chosen]
+        cams = common.deployed_grad_cam(models, squares[chosen], device)[0] if cams is None else cams[chosen]
         for i, cam in zip(chosen, cams):
             index = indices[i]
             text = common.caption(float(images.at[index, "fracture_prob"]), float(images.at[index, "threshold"]))

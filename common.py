@@ -2278,6 +2278,13 @@ def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
+def deployed_grad_cam(models: list, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM++ of a group's deployed models ((model, checkpoint) pairs, 1 or 2 of them), the
+    maps and probabilities averaged as 04 averages a deployed mean's probabilities."""
+    maps = [grad_cam_plus_plus(model, squares, device) for model, _ in models]
+    return np.mean([cams for cams, _ in maps], axis=0), np.mean([probs for _, probs in maps], axis=0)
+
+
 def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM++ maps of the fracture logit, [B, S, S] in [0, 1], and the fracture probabilities.
 
