@@ -60,6 +60,7 @@ Run:
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Sequence
 
@@ -109,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--finetune-epochs", type=int,
                         help="maximum epochs of a group model that starts from weights (default: per "
                              "preset, at most --epochs)")
+    parser.add_argument("--conditioned", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train one age-conditioned model per projection (the age as an input), a "
+                             "candidate each group may deploy (default: on; --no-conditioned skips it)")
     parser.add_argument("--ablation", action="store_true",
                         help="also train the other arm (scratch or from pooled) for ablation.csv")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
@@ -142,7 +146,7 @@ def main(argv=None):
     info = common.setup_distributed(args.device)
     try:
         frames, cache = common.cache_split_images(frames, args.image_size, args.out, "wrist")
-        rows, arm_probs, validated, pooled_models = [], {}, {}, {}
+        rows, arm_probs, expected_age_probs, validated, shared_models = [], {}, {}, {}, {}
         for projection in args.projections:
             pooled = None
             if args.init == "pooled" or args.ablation:
@@ -150,8 +154,14 @@ def main(argv=None):
                                           out_dir / projection / "pooled")
                 rows.append(pooled["row"])
                 if "test_probs" in pooled:
-                    pooled_models[projection] = pooled
+                    shared_models[(projection, "pooled")] = pooled
                 common.barrier()  # rank 0 has written pooled/best.pt; every rank starts from it next
+            if args.conditioned:
+                conditioned = _train_one_model(projection, None, frames, cache, args, edges, info,
+                                               out_dir / projection / "conditioned", conditioned=True)
+                rows.append(conditioned["row"])
+                if "test_probs" in conditioned:
+                    shared_models[(projection, "conditioned")] = conditioned
             for arm, arm_dir in _arms(args, out_dir):
                 init = _init_file(arm, args, pooled, out_dir / projection / "pooled" / "best.pt")
                 for group in groups:
@@ -159,24 +169,30 @@ def main(argv=None):
                                               arm_dir / projection / f"group{group}", init, pooled)
                     if "test_probs" in result:
                         arm_probs.setdefault(arm, {})[(projection, group)] = result["test_probs"]
-                        if pooled and "test_probs" in pooled:
-                            arm_probs.setdefault("pooled", {})[(projection, group)] = pooled["test_probs"]
+                        for name in ("pooled", "conditioned"):  # scored on the same images as the group
+                            shared = shared_models.get((projection, name))
+                            if shared:
+                                arm_probs.setdefault(name, {})[(projection, group)] = shared["test_probs"]
+                                if "expected_age_test_probs" in shared:
+                                    expected_age_probs.setdefault(name, {})[(projection, group)] = \
+                                        shared["expected_age_test_probs"]
                     if arm_dir != out_dir:
                         continue  # an ablation arm: reported in ablation.csv only
                     rows.append(result["row"])
-                    if "test_probs" in result:
-                        validated[(projection, group)] = {**result, "arm": arm}
+                    validated[(projection, group)] = {**result, "arm": arm}  # trained or skipped
                     if mlflow and info.is_main:
                         _log_mlflow(mlflow, result["row"], out_dir / projection / f"group{group}")
         if info.is_main:
-            deployments = choose_deployments(out_dir, frames, validated, pooled_models, rows, arm_probs)
+            deployments = choose_deployments(out_dir, frames, validated, shared_models, rows, arm_probs,
+                                             expected_age_probs)
             calibration = choose_calibration(frames, deployments, rows)
             for (projection, group), deployment in deployments.items():
+                (out_dir / projection / f"group{group}").mkdir(parents=True, exist_ok=True)  # a skipped one's too
                 common.write_json({k: v for k, v in deployment.items() if not k.endswith("_probs")},
                                   out_dir / projection / f"group{group}" / "deployed.json")
             write_fracture_summary(out_dir, frames, deployments, rows, args, calibration)
             if len(arm_probs) > 1:
-                write_ablation(out_dir, frames["test"], arm_probs, args)
+                write_ablation(out_dir, frames["test"], arm_probs, args, expected_age_probs)
             common.write_run_config(out_dir, args)
             if mlflow:
                 common.log_mlflow_run(mlflow, files=[out_dir / name for name in FRACTURE_EVALUATION_FILES])
@@ -187,7 +203,9 @@ def main(argv=None):
 
 
 def _read_routed_splits(args) -> dict[str, pd.DataFrame]:
-    """The splits with a `route_group` column: the true age group, or 03's predicted one."""
+    """The splits with a `route_group` column (the true age group, or 03's predicted one) and, with
+    03's predictions, `expected_age`: the router's expected age, what the age-conditioned model is
+    given when the age is unknown (its probability of each group x the group's mean training age)."""
     frames = {split: common.read_split(args.out, "wrist", split) for split in ("train", "val", "test")}
     predictions_path = args.out / "age" / "predictions.csv"
     predicted = None
@@ -198,8 +216,14 @@ def _read_routed_splits(args) -> dict[str, pd.DataFrame]:
     elif args.route == "pred":
         raise common.InputError(f"{predictions_path}: not found; --route pred needs the age router: "
                                 "run 03_train_age.py with the same --out first")
+    expected = np.nan
+    if predicted is not None:
+        probs = routed.set_index("filestem").filter(regex=r"^prob_group\d+$")
+        expected = pd.Series(probs.to_numpy(float) @ group_mean_ages(frames["train"], probs.shape[1]),
+                             index=probs.index)
     for split, frame in frames.items():
         frame["age_group_pred"] = frame["filestem"].map(predicted) if predicted is not None else np.nan
+        frame["expected_age"] = frame["filestem"].map(expected) if predicted is not None else np.nan
         if args.route == "pred":
             missing = frame["age_group_pred"].isna().sum()
             if missing:
@@ -207,6 +231,13 @@ def _read_routed_splits(args) -> dict[str, pd.DataFrame]:
                                         "rerun 03_train_age.py after 01/02")
         frame["route_group"] = frame["age_group_pred" if args.route == "pred" else "age_group"]
     return frames
+
+
+def group_mean_ages(train: pd.DataFrame, n_groups: int) -> list[float]:
+    """Each age group's mean training age in years (stored in the conditioned model's checkpoint,
+    where 07 reads it); a group with no training image takes its neighbours' (interpolated)."""
+    means = train.groupby("age_group")["age"].mean().reindex(range(n_groups))
+    return [float(v) for v in means.interpolate(limit_direction="both")]
 
 
 def _check_router_splits(routed: pd.DataFrame, frames: dict[str, pd.DataFrame], path) -> None:
@@ -241,17 +272,22 @@ def _init_file(arm, args, pooled, pooled_path):
     return None
 
 
-def _train_one_model(projection, group, frames, cache, args, edges, info, run_dir, init=None, pooled=None) -> dict:
+def _train_one_model(projection, group, frames, cache, args, edges, info, run_dir, init=None, pooled=None,
+                     conditioned=False) -> dict:
     """Train, threshold on val, evaluate on test; or return the reason this model is skipped.
 
-    group None = the pooled model, trained on every age group of the projection. `init`: a
-    (checkpoint path, label) to start from (fine-tuning at --finetune-lr), or None = random init.
+    group None = a model of every age group of the projection: the pooled one, or with
+    `conditioned` the one that takes the age as an input (the true age in training and scoring;
+    for the predicted-group cascade also the router's expected age: `expected_age_*_probs`).
+    `init`: a (checkpoint path, label) to start from (fine-tuning at --finetune-lr), or None.
     """
     is_pooled = group is None
-    name = f"{projection} {'pooled (all ages)' if is_pooled else f'group {group} {common.age_group_names(edges)[group]}'}"
+    kind = "conditioned" if conditioned else "pooled" if is_pooled else "model"
+    name = (f"{projection} {'age-conditioned' if conditioned else 'pooled'} (all ages)" if is_pooled
+            else f"{projection} group {group} {common.age_group_names(edges)[group]}")
     parts = {split: frame[(frame["projection_name"] == projection) & (is_pooled | (frame["route_group"] == group))]
              .reset_index(drop=True) for split, frame in frames.items()}
-    row = {"kind": "pooled" if is_pooled else "model", "projection": projection, "age_group": group,
+    row = {"kind": kind, "projection": projection, "age_group": group,
            "init": "scratch" if init is None else init[1],
            **{f"n_{split}": len(part) for split, part in parts.items()},
            **{f"pos_{split}": int(part["label"].sum()) for split, part in parts.items()}}
@@ -261,12 +297,15 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
         return {"row": {**row, "status": "skipped", "reason": reason}}
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    datasets = {split: common.CachedImageDataset(cache, part["image_path"],
-                                                 target=part["label"].to_numpy(np.float32))
-                for split, part in parts.items()}
+    age = {"age": "age"} if conditioned else {}  # the dataset column _forward feeds the model
+    datasets = {split: _dataset(cache, part, age) for split, part in parts.items()}
     common.seed_everything(args.seed)
-    model = common.create_model(args.arch, num_classes=1, pretrained=args.pretrained,
-                                image_size=args.image_size)
+    if conditioned:
+        model = common.build_side_input_model(args.arch, "age", pretrained=args.pretrained,
+                                              image_size=args.image_size)
+    else:
+        model = common.create_model(args.arch, num_classes=1, pretrained=args.pretrained,
+                                    image_size=args.image_size)
     start = "scratch"
     if init is not None:
         common.load_init_weights(model, init[0])
@@ -285,6 +324,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
             "sampler": args.sampler, "focal_alpha": alpha, "focal_gamma": args.gamma,
             "pretrained": args.pretrained, "init": start, "settings": settings.identity(),
             "splits": common.split_fingerprint(parts, "filestem")}
+    if conditioned:  # 07 rebuilds it from side_input and gives unknown ages as the router's expectation
+        meta.update(side_input="age", group_mean_age=group_mean_ages(frames["train"], len(edges) + 1))
 
     def loss_fn(logits, batch):
         if args.loss == "focal":
@@ -305,9 +346,15 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
     val_probs = _predict_probs(model, datasets["val"], args, info)
     # Every test image of this projection, so the cascades can route any image to this model.
     projection_test = frames["test"][frames["test"]["projection_name"] == projection].reset_index(drop=True)
-    test_set = common.CachedImageDataset(cache, projection_test["image_path"],
-                                         target=projection_test["label"].to_numpy(np.float32))
-    all_test_probs = _predict_probs(model, test_set, args, info)
+    all_test_probs = _predict_probs(model, _dataset(cache, projection_test, age), args, info)
+    expected_age = {}
+    if conditioned and frames["test"]["expected_age"].notna().any():  # 03 ran: as cascade_pred routes
+        expected_age = {f"expected_age_{split}_probs": pd.Series(
+            _predict_probs(model, _dataset(cache, part, {"age": "expected_age"}), args, info), index=part["filestem"])
+            for split, part in (("val", parts["val"]), ("test", projection_test))}
+        # An image 03 could not read has no expected age: choosing on validation, its true age stands in.
+        expected_age["expected_age_val_probs"] = expected_age["expected_age_val_probs"].fillna(
+            pd.Series(val_probs, index=parts["val"]["filestem"]))
     own = (is_pooled | (projection_test["route_group"] == group)).to_numpy()
     threshold, threshold_source = small_group_threshold(
         parts["val"]["label"], (pooled or {}).get("row", {}).get("test_threshold"), "pooled model's")
@@ -326,7 +373,8 @@ def _train_one_model(projection, group, frames, cache, args, edges, info, run_di
                     "threshold_source": threshold_source, "calibration_source": calibration_source,
                     "warning": warning, **{f"test_{k}": v for k, v in metrics.items()}},
             "test_probs": pd.Series(all_test_probs, index=projection_test["filestem"]),
-            "val_probs": pd.Series(val_probs, index=parts["val"]["filestem"]), "calibration": calibration}
+            "val_probs": pd.Series(val_probs, index=parts["val"]["filestem"]), "calibration": calibration,
+            **expected_age}
 
 
 def _skip_reason(parts: dict[str, pd.DataFrame]) -> str:
@@ -340,7 +388,15 @@ def _skip_reason(parts: dict[str, pd.DataFrame]) -> str:
     return ""
 
 
+def _dataset(cache, part: pd.DataFrame, age: dict) -> common.CachedImageDataset:
+    """The images of `part` with their labels and, for the conditioned model, {"age": column}'s ages."""
+    return common.CachedImageDataset(cache, part["image_path"], target=part["label"].to_numpy(np.float32),
+                                     **{key: part[column].to_numpy(np.float32) for key, column in age.items()})
+
+
 def _forward(model, images, batch):
+    if "age" in batch:  # the age-conditioned model: one logit per image already
+        return model(images, batch["age"].to(images.device))
     return model(images).squeeze(1)
 
 
@@ -546,52 +602,72 @@ def fit_calibration(labels, probs) -> dict:
 
 
 # The arms a group may deploy, simplest first: on a tie of validation AUC the earlier one wins
-# (one model over two, the shared model over a group's own).
-DEPLOY_ORDER = ("pooled", "from_pooled", "scratch", "from_file", "mean")
+# (a shared model over a group's own, one model over two).
+DEPLOY_ORDER = ("pooled", "conditioned", "from_pooled", "scratch", "from_file", "mean")
+SHARED_ARMS = ("pooled", "conditioned")  # the models of all ages; a small group deploys the first there is
 
 
-def choose_deployments(out_dir: Path, frames: dict[str, pd.DataFrame], validated: dict, pooled_models: dict,
-                       rows: list[dict], arm_probs: dict) -> dict:
+def choose_deployments(out_dir: Path, frames: dict[str, pd.DataFrame], validated: dict, shared_models: dict,
+                       rows: list[dict], arm_probs: dict, expected_age_probs: dict) -> dict:
     """Per (projection, age group), what 06 and 07 deploy, chosen on the group's validation images:
-    the pooled model, the group's own model (fine-tuned from it, or --init's), or the mean of the
-    two models' probabilities, whichever has the highest validation AUC. A group with fewer than
-    MIN_THRESHOLD_CLASS validation images of a class deploys the pooled model: its AUC on a few
-    images cannot tell the arms apart (the youngest groups deployed models at chance).
+    the pooled model, the age-conditioned model, the group's own model (fine-tuned from the pooled
+    one, or --init's), or the mean of the pooled and own models' probabilities, whichever has the
+    highest validation AUC. A group with fewer than MIN_THRESHOLD_CLASS validation images of a
+    class deploys a shared model (the pooled one, else the conditioned one): its AUC on a few
+    images cannot tell the arms apart (the youngest groups deployed models at chance). A group
+    whose own model was skipped (e.g. no validation fracture) chooses among the shared models.
+
+    The conditioned model is judged, as it is deployed, on the router's expected age where 03 ran
+    (07's input for an image without an age, and cascade_pred's), else on the true age.
 
     Returns {key: record}: the arm, its model files (relative to OUT/fracture), threshold(s) and
     calibration map chosen on validation, the candidates' validation AUCs, and (for 04 itself) the
     arm's validation and test probabilities. The group's summary row gets `deployed`."""
     deployments = {}
+    val = frames["val"]
     for (projection, group), own in validated.items():
-        labels = frames["val"].set_index("filestem").loc[own["val_probs"].index, "label"].to_numpy()
+        members = val[(val["projection_name"] == projection) & (val["route_group"] == group)]
+        index, labels = members["filestem"], members["label"].to_numpy()
         own_path = f"{projection}/group{group}/best.pt"
-        candidates = {own["arm"]: (own["val_probs"], own["test_probs"], [own_path])}
-        pooled = pooled_models.get(projection)
-        if pooled is not None:
-            pooled_path = f"{projection}/pooled/best.pt"
-            pooled_val = pooled["val_probs"].loc[own["val_probs"].index]
-            candidates["pooled"] = (pooled_val, pooled["test_probs"], [pooled_path])
-            candidates["mean"] = ((pooled_val + own["val_probs"]) / 2, (pooled["test_probs"] + own["test_probs"]) / 2,
-                                  [pooled_path, own_path])
-            arm_probs.setdefault("mean", {})[(projection, group)] = candidates["mean"][1]
-        arm, aucs, reason = choose_arm(labels, {name: c[0] for name, c in candidates.items()})
-        val_probs, test_probs, models = candidates[arm]
-        small = bool(_too_few(labels))
-        source = own_path if arm == own["arm"] else pooled_path if small else None
-        if source:  # the group's own model, or the pooled one for a small group: its own choices
-            chosen = common.load_checkpoint(out_dir / source)
-            thresholds, calibration = chosen["thresholds"], chosen["calibration"]
-            row = own["row"] if arm == own["arm"] else {"threshold_source": f"pooled model's ({reason})",
-                                                        "calibration_source": "pooled"}
-            threshold_source, calibration_source = row["threshold_source"], row["calibration_source"]
+        trained = "test_probs" in own
+        candidates = {own["arm"]: {"val": own["val_probs"], "test": own["test_probs"], "models": [own_path]}} \
+            if trained else {}
+        for arm in SHARED_ARMS:
+            shared = shared_models.get((projection, arm))
+            if shared is not None:
+                candidates[arm] = {"val": shared.get("expected_age_val_probs", shared["val_probs"]).loc[index],
+                                   "test": shared["test_probs"], "models": [f"{projection}/{arm}/best.pt"],
+                                   "expected_age_test": shared.get("expected_age_test_probs")}
+        if not candidates:
+            continue  # the group's model skipped and no shared model: 07 skips its images, saying why
+        if trained and "pooled" in candidates:
+            pooled = candidates["pooled"]
+            candidates["mean"] = {"val": (pooled["val"] + own["val_probs"]) / 2, "models": pooled["models"] + [own_path],
+                                  "test": (pooled["test"] + own["test_probs"]) / 2}
+            arm_probs.setdefault("mean", {})[(projection, group)] = candidates["mean"]["test"]
+        arm, aucs, reason = choose_arm(labels, {name: c["val"] for name, c in candidates.items()})
+        if not trained:
+            reason = f"own model skipped ({own['row']['reason']}); {reason}"
+        chosen, small = candidates[arm], bool(_too_few(labels))
+        if arm == own["arm"] or small:  # the group's own model, or a shared one for a small group: its own choices
+            checkpoint = common.load_checkpoint(out_dir / chosen["models"][0])
+            thresholds, calibration = checkpoint["thresholds"], checkpoint["calibration"]
+            threshold_source, calibration_source = ((own["row"]["threshold_source"], own["row"]["calibration_source"])
+                                                    if arm == own["arm"] else (f"{arm} model's ({reason})", arm))
         else:
-            thresholds, calibration = operating_thresholds(labels, val_probs), fit_calibration(labels, val_probs)
+            thresholds = operating_thresholds(labels, chosen["val"])
+            calibration = fit_calibration(labels, chosen["val"])
             threshold_source, calibration_source = "val Youden", "own"
         deployments[(projection, group)] = {
-            "arm": arm, "models": models, "threshold": thresholds["youden"], "thresholds": thresholds,
+            "arm": arm, "models": chosen["models"], "threshold": thresholds["youden"], "thresholds": thresholds,
             "threshold_source": threshold_source, "calibration": calibration, "calibration_source": calibration_source,
-            "val_auc": aucs, "reason": reason, "val_probs": val_probs, "test_probs": test_probs}
-        arm_probs.setdefault("deployed", {})[(projection, group)] = test_probs
+            "val_auc": aucs, "reason": reason, "val_probs": chosen["val"], "test_probs": chosen["test"]}
+        if chosen.get("expected_age_test") is not None:  # what cascade_pred scores, as 07 without an age
+            deployments[(projection, group)]["expected_age_test_probs"] = chosen["expected_age_test"]
+        if trained:  # the ablation compares arms on the images every arm scores
+            arm_probs.setdefault("deployed", {})[(projection, group)] = chosen["test"]
+            if chosen.get("expected_age_test") is not None:
+                expected_age_probs.setdefault("deployed", {})[(projection, group)] = chosen["expected_age_test"]
         own["row"].update(deployed=arm, deployed_reason=reason, threshold_source=threshold_source,
                           calibration_source=calibration_source, **{f"val_auc_{a}": v for a, v in aucs.items()})
         common.log(f"{projection} group {group} deploys {arm} ({reason}; validation AUC "
@@ -600,14 +676,15 @@ def choose_deployments(out_dir: Path, frames: dict[str, pd.DataFrame], validated
 
 
 def choose_arm(labels, candidates: dict[str, pd.Series]) -> tuple[str, dict[str, float], str]:
-    """(arm, each candidate's validation AUC, why): the highest AUC, or the pooled model when
-    validation has too few images of a class to rank the candidates."""
+    """(arm, each candidate's validation AUC, why): the highest AUC, or a shared model (the pooled
+    one first) when validation has too few images of a class to rank the candidates."""
     from sklearn.metrics import roc_auc_score
     aucs = {arm: float(roc_auc_score(labels, probs)) if len(set(labels)) == 2 else float("nan")
             for arm, probs in candidates.items()}
     counts = _too_few(labels)
-    if counts and "pooled" in candidates:
-        return "pooled", aucs, counts
+    shared = [arm for arm in SHARED_ARMS if arm in candidates]
+    if counts and shared:
+        return shared[0], aucs, counts
     ranked = [arm for arm in DEPLOY_ORDER if arm in candidates and np.isfinite(aucs[arm])]
     if not ranked:
         return next(iter(candidates)), aucs, "no validation AUC: the group's own model"
@@ -634,7 +711,7 @@ def choose_calibration(frames: dict[str, pd.DataFrame], deployments: dict, rows:
     if val.empty or val["patient_id"].nunique() < 2 or val["label"].nunique() < 2:
         return {}  # nothing to cross-validate on: the per-group maps stay
     borrowed = {f"{key[0]}/group{key[1]}": deployment["calibration"] for key, deployment in deployments.items()
-                if deployment["calibration_source"] == "pooled"}
+                if deployment["calibration_source"] in SHARED_ARMS}
     ece = {name: common.calibration_metrics(val["label"], probs, prevalence=prevalence)["ece"]
            for name, probs in _out_of_fold(val, borrowed).items()}
     chosen = min(CALIBRATION_CHOICES, key=lambda name: ece[name] if np.isfinite(ece[name]) else np.inf)
@@ -693,9 +770,11 @@ def write_fracture_summary(out_dir, frames, deployments, rows, args, calibration
     table = test[["filestem", "patient_id", "study_id", "laterality", "projection_name", "age",
                   "age_group", "age_group_pred", "label", *FRACTURE_SUBGROUPS.values()]].copy()
     table = table.loc[:, ~table.columns.duplicated()]
-    test_probs = {key: deployment["test_probs"] for key, deployment in deployments.items()}
     models = deployments  # each key's threshold(s) and calibration map, as 07 reads them
     for route, column in (("true", "age_group"), ("pred", "age_group_pred")):
+        # cascade_pred knows no age: a deployed conditioned model gets the router's expected age
+        test_probs = {key: deployment.get("expected_age_test_probs" if route == "pred" else "test_probs",
+                                          deployment["test_probs"]) for key, deployment in deployments.items()}
         keys = list(zip(table["projection_name"], table[column].fillna(-1).astype(int)))
         raw = np.array([test_probs[k].get(f, np.nan) if k in test_probs else np.nan
                         for f, k in zip(table["filestem"], keys)], dtype=float)
@@ -833,12 +912,18 @@ def _calibration_and_subgroups(out_dir, table, rows, models, prevalence, args, c
     common.write_csv(pd.DataFrame(subgroups), out_dir / "subgroups.csv")
 
 
-def write_ablation(out_dir, test, arm_probs, args) -> None:
+ABLATION_ARMS = ("pooled", "conditioned", "scratch", "from_pooled", "from_file", "mean", "deployed")
+
+
+def write_ablation(out_dir, test, arm_probs, args, expected_age_probs: dict | None = None) -> None:
     """Each arm's test AUC (patient-bootstrap 95% CI) on the same images: per group, then cascaded.
 
     Group scope: the test images routed to that group. Cascade: every image goes to the model of
-    its predicted age group (03), or its --route group without 03; the pooled arm scores every
-    image with its projection's one model. Images some arm has no model for are left out of all.
+    its predicted age group (03), or its --route group without 03; the pooled and conditioned arms
+    score every image with their projection's one model. The conditioned model is given the true
+    age, except in cascade_pred, which knows no age: there it gets the router's expected age
+    (`expected_age_probs`, also for a group that deploys it). Images some arm has no model for are
+    left out of all.
     """
     routed = "age_group_pred" if test["age_group_pred"].notna().all() else "route_group"
     cascade = "cascade_pred" if routed == "age_group_pred" else f"cascade_{args.route}"
@@ -846,10 +931,12 @@ def write_ablation(out_dir, test, arm_probs, args) -> None:
     table = table.loc[:, ~table.columns.duplicated()].copy()
     for arm, models in arm_probs.items():
         for column, route in (("group", "route_group"), ("cascade", routed)):
+            if column == "cascade" and cascade == "cascade_pred":
+                models = {**models, **(expected_age_probs or {}).get(arm, {})}
             table[f"{arm}_{column}"] = [
                 models[(p, int(g))].get(f, np.nan) if (p, g) in models else np.nan
                 for f, p, g in zip(table["filestem"], table["projection_name"], table[route].fillna(-1).astype(int))]
-    arms = [a for a in ("pooled", "scratch", "from_pooled", "from_file", "mean", "deployed") if a in arm_probs]
+    arms = [a for a in ABLATION_ARMS if a in arm_probs]
     scopes = [(f"{p}_group{g}", (table["projection_name"] == p) & (table["route_group"] == g), "group")
               for p, g in sorted({key for models in arm_probs.values() for key in models})]
     scopes.append((cascade, table["projection_name"].isin(args.projections), "cascade"))

@@ -1,9 +1,10 @@
 """Stage 06: Grad-CAM++ overlays showing where each fracture model looks, on its test images.
 
-For every age group's deployed model (04's choice on validation: the pooled model, the group's
-own, or the mean of the two, whose maps are averaged as their probabilities are), the test images
-it scores (its projection and age group) are explained with Grad-CAM++ (Chattopadhay et al.
-2018) for the fracture logit, computed in fp32 on the unwrapped model. The map is drawn on the
+For every age group's deployed model (04's choice on validation: the pooled model, the
+age-conditioned one, the group's own, or the mean of the pooled and own, whose maps are averaged
+as their probabilities are), the test images it scores (its projection and age group) are
+explained with Grad-CAM++ (Chattopadhay et al. 2018) for the fracture logit, computed in fp32 on
+the unwrapped model (an age-conditioned one given each image's true age). The map is drawn on the
 ORIGINAL image (the letterbox padding is cut off and the map stretched back to the image's own
 height and width), captioned with the probability, the deployment's validation-chosen threshold,
 the label and the outcome (TP/FP/FN/TN). Errors are shown first: true positives, false positives
@@ -81,7 +82,8 @@ def main(argv=None):
             unreadable += len(batch) - len(readable)
             if not readable:
                 continue
-            cams, probs = common.deployed_grad_cam(models, np.stack(squares), device)
+            # An age-conditioned model is given each image's true age, as 04 scored it here.
+            cams, probs = common.deployed_grad_cam(models, np.stack(squares), device, [row.age for row in readable])
             for row, cam, box, prob in zip(readable, cams, boxes, probs):
                 # The outcome is re-read from this fp32 pass, so caption, name and colour agree.
                 outcome = outcome_of(row.label, prob, threshold)

@@ -13,9 +13,11 @@ Each image gets (resolve_prediction_metadata reads the CSV row and the DICOM hea
   its age group   from its age (CSV, else the DICOM's PatientAge, else --age) with the age edges
                   stored in the models; with no age, predicted by the age router of 03
   a fracture probability from what 04 deployed for that projection and age group (its
-                  deployed.json: the pooled model, the group's own, or the mean of the two, chosen
-                  on validation), and a 0/1 prediction at the deployment's threshold (chosen on
-                  validation in 04); `model` names its file(s), two joined by '+' for a mean.
+                  deployed.json: the pooled model, the age-conditioned one, the group's own, or
+                  the mean of the pooled and own, chosen on validation), and a 0/1 prediction at
+                  the deployment's threshold (chosen on validation in 04); `model` names its
+                  file(s), two joined by '+' for a mean. The age-conditioned model is given the
+                  image's age, or without one the router's expected age (`model_age`).
                   fracture_prob is calibrated (the Platt map 04 chose on validation), raw_prob
                   is the network's own output; the prediction is raw_prob >= the stored threshold,
                   and `threshold` is shown on the calibrated scale (the same decision).
@@ -50,7 +52,8 @@ Reads   MODELS/fracture/{AP,Lat}/group{g}/deployed.json and the best.pt files it
 Writes  OUT/predictions.csv  level (image/study), input_path, study_id, laterality, projection,
                              projection_source (csv/dicom/flag), age_group, age_group_name,
                              age_group_source (given/predicted), fracture_prob, raw_prob, fracture_pred,
-                             threshold, model, n_images; bone_age_months (--boneage); cam_path (--cam)
+                             threshold, model, model_age (the age given to an age-conditioned model),
+                             n_images; bone_age_months (--boneage); cam_path (--cam)
         OUT/skipped.csv      input_path, reason, detail, task: every image left out, why, and for
                              which task (fracture, bone age, or any: the file cannot be read)
         OUT/gradcam/         Grad-CAM++ overlays (--cam), drawn as in 06_gradcam.py
@@ -420,7 +423,7 @@ def _no_fracture_track(images: pd.DataFrame) -> None:
     """The fracture columns, empty, for a run that trained only the bone-age model; the images
     are not listed as fracture skips (there was nothing to predict)."""
     for column in ("age_group", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
-                   "model", "cam_path"):
+                   "model", "model_age", "cam_path"):
         images[column] = None
     no_projection = images["skip_reason"] == "no projection"
     images.loc[no_projection, ["skip_reason", "skip_detail"]] = None
@@ -433,8 +436,9 @@ def _age_edges(fracture_models: dict) -> tuple[float, ...]:
 
 
 def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, device) -> None:
-    """The group of a given age with the models' edges; otherwise the 03 router's prediction."""
-    images["age_group"], images["age_group_source"] = None, None
+    """The group of a given age with the models' edges; otherwise the 03 router's prediction (its
+    probabilities kept in `age_group_probs`: an age-conditioned model is given the expected age)."""
+    images["age_group"], images["age_group_source"], images["age_group_probs"] = None, None, None
     usable = images["skip_reason"].isna()
     given = usable & images["age"].notna()
     groups = common.age_group_of(images.loc[given, "age"].astype(float), edges)
@@ -452,8 +456,10 @@ def assign_age_groups(images: pd.DataFrame, edges, router_path: Path, args, devi
     _check_edges(checkpoint, edges, router_path)
     for indices, squares, _ in _batches(images, unknown, checkpoint["image_size"], args.batch_size,
                                         "age router", skip_image):
-        images.loc[indices, "age_group"] = _infer(router, squares, device).argmax(dim=1).tolist()
+        probs = _infer(router, squares, device).softmax(dim=1)
+        images.loc[indices, "age_group"] = probs.argmax(dim=1).tolist()
         images.loc[indices, "age_group_source"] = "predicted"
+        images.loc[indices, "age_group_probs"] = pd.Series(probs.numpy().tolist(), index=indices, dtype=object)
 
 
 def _check_edges(checkpoint: dict, edges, path: Path) -> None:
@@ -501,7 +507,8 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
     probabilities when 04 deployed two); with --cam also write Grad-CAM++ overlays (common's, as
     06 draws them, averaged over the models); with --dicom-out file them as Secondary Captures."""
     import torch
-    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "raw_threshold", "model", "cam_path"):
+    for column in ("fracture_prob", "raw_prob", "fracture_pred", "threshold", "raw_threshold", "model", "model_age",
+                   "cam_path"):
         images[column] = None
     ready = images[images["skip_reason"].isna() & images["age_group"].notna()]
     for (projection, group), members in ready.groupby(["projection", "age_group"]):
@@ -520,8 +527,11 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         for indices, squares, boxes in _batches(images, members.index, checkpoint["image_size"],
                                                 args.batch_size, f"{projection} group {group}",
                                                 skip_image):
-            probs = np.mean([torch.sigmoid(_infer(model, squares, device)[:, 0]).numpy() for model, _ in models],
-                            axis=0).astype(float)
+            ages = _model_ages(images, indices, models)
+            probs = np.mean([torch.sigmoid(_infer(model, squares, device, *_side_input(checkpoint, ages))
+                                           .reshape(len(indices), -1)[:, 0]).numpy()
+                             for model, checkpoint in models], axis=0).astype(float)
+            images.loc[indices, "model_age"] = None if ages is None else ages.round(2)
             images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
             images.loc[indices, "raw_prob"] = probs
             images.loc[indices, "fracture_pred"] = (probs >= threshold).astype(int)  # as 04 decided
@@ -530,7 +540,7 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
             images.loc[indices, "model"] = relative
             cams = None  # the --cam maps serve --dicom-out too
             if args.cam:
-                cams, _ = common.deployed_grad_cam(models, squares, device)
+                cams, _ = common.deployed_grad_cam(models, squares, device, ages)
                 for index, cam, box, prob in zip(indices, cams, boxes, probs):
                     stem = Path(images.at[index, "input_path"]).stem  # the UID-free name
                     name = f"{index:05d}_{stem}_p{prob:.2f}.png"
@@ -539,9 +549,27 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
                     common.write_png(overlay, out_dir / "gradcam" / name)
                     images.at[index, "cam_path"] = f"gradcam/{name}"
             if dicom_out:
-                dicom_out.file_overlays(images, indices, squares, boxes, cams, models, device)
+                dicom_out.file_overlays(images, indices, squares, boxes, cams, models, device, ages)
         del models
 
+
+
+def _model_ages(images: pd.DataFrame, indices, models: list) -> np.ndarray | None:
+    """The age in years an age-conditioned model (04) is given: the image's own age when known,
+    else the router's expected age, its probability of each group x the group's mean training
+    age (stored in the checkpoint), as 04 scored cascade_pred. None: no deployed model takes an age."""
+    checkpoint = next((c for _, c in models if c.get("side_input") == "age"), None)
+    if checkpoint is None:
+        return None
+    means = np.asarray(checkpoint["group_mean_age"], dtype=float)
+    return np.array([images.at[i, "age"] if pd.notna(images.at[i, "age"])
+                     else float(np.dot(images.at[i, "age_group_probs"], means)) for i in indices], dtype=float)
+
+
+def _side_input(checkpoint: dict, ages) -> tuple:
+    """The second input of an age-conditioned model (the ages as a tensor); nothing for the others."""
+    import torch
+    return (torch.as_tensor(ages, dtype=torch.float32),) if checkpoint.get("side_input") == "age" else ()
 
 
 def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
@@ -584,7 +612,8 @@ def _skip_bone_age(images: pd.DataFrame, index, reason: str, detail: str = "") -
 def _image_rows(images: pd.DataFrame, edges, args) -> pd.DataFrame:
     names = common.age_group_names(edges) if edges is not None else []
     rows = images[["input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
-                   "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold", "model"]].copy()
+                   "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold", "model",
+                   "model_age"]].copy()
     rows["level"], rows["n_images"] = "image", 1
     rows["age_group_name"] = [None if group is None else names[int(group)] for group in rows["age_group"]]
     rows["fracture_pred"] = rows["fracture_pred"].astype("Int64")  # empty for a bone-age-only row
@@ -614,7 +643,7 @@ def _study_rows(images: pd.DataFrame) -> pd.DataFrame:
 def _output_columns(args) -> list[str]:
     return ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
             "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
-            "model", "n_images", *(["bone_age_months"] if args.boneage else []),
+            "model", "model_age", "n_images", *(["bone_age_months"] if args.boneage else []),
             *(["cam_path"] if args.cam else [])]
 
 
@@ -884,13 +913,16 @@ class DicomResults:
         self.files = []      # the names written, in order: what --store sends
         self.algorithms = {}
 
-    def file_overlays(self, images: pd.DataFrame, indices, squares, boxes, cams, models, device) -> None:
+    def file_overlays(self, images: pd.DataFrame, indices, squares, boxes, cams, models, device, ages=None) -> None:
         """A Secondary Capture per DICOM image of a batch: its Grad-CAM++ overlay, drawn as --cam
         draws it (the --cam maps when given), with the decision and "not for diagnostic use"."""
         chosen = [i for i, index in enumerate(indices) if common.is_dicom(images.at[index, "path"])]
         if not chosen:
             return
-        cams = common.deployed_grad_cam(models, squares[chosen], device)[0] if cams is None else cams[chosen]
+        if cams is None:
+            cams = common.deployed_grad_cam(models, squares[chosen], device, None if ages is None else ages[chosen])[0]
+        else:
+            cams = cams[chosen]
         for i, cam in zip(chosen, cams):
             index = indices[i]
             text = common.caption(float(images.at[index, "fracture_prob"]), float(images.at[index, "threshold"]))

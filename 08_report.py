@@ -151,6 +151,8 @@ def _report_fracture(out: Path) -> list[str]:
             folder = f"fracture/{row['projection']}/group{int(row['age_group'])}"
             plots = (f"[ROC]({folder}/roc.png), [PR]({folder}/pr.png), [curves]({folder}/curves.png), "
                      f"[confusion]({folder}/confusion.png)") if row["status"] == "trained" else ""
+        elif row["kind"] in ("pooled", "conditioned"):  # one model of all ages per projection
+            name, plots = f"{row['projection']} {row['kind'].replace('conditioned', 'age-conditioned')}", ""
         else:
             name, plots = row["kind"].replace("_", " "), ""
         if row["status"] == "skipped":
@@ -167,11 +169,13 @@ def _report_fracture(out: Path) -> list[str]:
     deployed = [f"- {r['projection']} group {int(r['age_group'])}: **{r['deployed']}** ({r['deployed_reason']}; "
                 "validation AUC " + ", ".join(f"{c.removeprefix('val_auc_')} {fmt(r[c])}" for c in summary
                                               if c.startswith("val_auc_") and pd.notna(r[c])) + ")"
-                for r in trained.to_dict("records") if pd.notna(r.get("deployed"))]
+                for r in summary[summary["kind"] == "model"].to_dict("records") if pd.notna(r.get("deployed"))]
     return lines + ["", "The rows above are each group's own model. What 06 and 07 deploy for a group was "
-                    "chosen on its validation images: the pooled model, the group's own model or the "
-                    "mean of the two, by validation AUC; a group with fewer than 5 validation images of "
-                    "a class takes the pooled model.", "", *deployed, "",
+                    "chosen on its validation images: the pooled model, the age-conditioned model (the "
+                    "age as an input: the true age, or the router's expected age where no age is known), "
+                    "the group's own model or the mean of the pooled and own models, by validation AUC; "
+                    "a group with fewer than 5 validation images of a class takes the pooled model.", "",
+                    *deployed, "",
                     "Cascade rows route every test image to its true (or 03-predicted) age group's "
                     "deployed model and pool the calibrated probabilities (each model's raw scale "
                     "differs); the study row scores a study (patient, study, laterality) by its most "
@@ -264,11 +268,13 @@ def _report_ablation(out: Path) -> list[str]:
     if not path.is_file():
         return []
     ablation = pd.read_csv(path)
-    arms = [arm for arm in ("pooled", "scratch", "from_pooled", "from_file", "mean", "deployed")
+    arms = [arm for arm in ("pooled", "conditioned", "scratch", "from_pooled", "from_file", "mean", "deployed")
             if arm in set(ablation["arm"])]
     lines = ["### Pooled start against per-group models (ablation)", "",
              "Test AUC on the same images: `pooled` is one model per projection trained on every age "
-             "group, `scratch` per-group models from random weights, `from_pooled` per-group models "
+             "group, `conditioned` one such model per projection that also takes the age (the true age; "
+             "in cascade_pred, which knows no age, the router's expected age), "
+             "`scratch` per-group models from random weights, `from_pooled` per-group models "
              "fine-tuned from the pooled one, `mean` the mean of the pooled and the group model's "
              "probabilities, `deployed` what 04 chose for each group on its validation images and 07 "
              "deploys (summary.csv: `deployed`). `04_train_fracture_ddp.py --ablation` trains the arm "

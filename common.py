@@ -655,12 +655,28 @@ def build_gem(p: float = 3.0, p_max: float = 6.0, eps: float = 1e-6):
 
 
 def build_boneage_model(arch: str, pretrained: str | None = None, max_months: float = BONEAGE_MAX_MONTHS,
-                        init_months: float | None = None, sex_dim: int = 16, image_size: int | None = None):
-    """Backbone features -> GeM -> concat sex embedding -> MLP head -> sigmoid x max_months.
+                        init_months: float | None = None, image_size: int | None = None):
+    """05's regressor: the side-input model with sex, its output sigmoid x max_months.
 
-    The sigmoid keeps every prediction within [0, max_months]. Sex enters as an embedding because
-    bone maturation differs by sex: the same hand means a different bone age in a girl and a boy.
-    init_months sets the head's bias so training starts from the training mean, not 120 months.
+    The sigmoid keeps every prediction within [0, max_months]. Sex enters because bone maturation
+    differs by sex: the same hand means a different bone age in a girl and a boy. init_months sets
+    the head's bias so training starts from the training mean, not 120 months."""
+    return build_side_input_model(arch, "sex", pretrained=pretrained, image_size=image_size,
+                                  max_output=max_months, init_output=init_months)
+
+
+AGE_SCALE_YEARS = 20.0  # the age input is divided by this: pediatric ages land in [0, 1]
+
+
+def build_side_input_model(arch: str, side: str, pretrained: str | None = None, image_size: int | None = None,
+                           max_output: float | None = None, init_output: float | None = None, side_dim: int = 16):
+    """Backbone features -> GeM -> concat an embedding of one side input -> MLP head -> one output.
+
+    side 'sex' (0 = F, 1 = M; an embedding; 05's bone age) or 'age' (years; a linear map of
+    age / AGE_SCALE_YEARS and a GELU; 04's age-conditioned fracture model). The output is the
+    logit, or sigmoid x max_output when max_output is given (init_output then sets the head's
+    starting bias). `model.side_input` names the input; `model.features` (an identity on the last
+    feature map, channels first) is Grad-CAM's target layer whatever the backbone family.
 
     The backbone is timm's features_only model up to its last stage: it owns no classifier and no
     head norm, so every parameter gets a gradient and DDP needs no find_unused_parameters (the
@@ -668,33 +684,43 @@ def build_boneage_model(arch: str, pretrained: str | None = None, max_months: fl
     died at the second step on 2+ ranks). Swin gives NHWC features and needs its image size.
     """
     torch, nn, _ = _torch_modules()
+    if side not in ("sex", "age"):
+        raise ValueError(f"side input {side!r}: use 'sex' or 'age'")
     backbone = create_model(arch, num_classes=0, pretrained=pretrained, image_size=image_size,
                             features_only=True, out_indices=(-1,))
     channels = backbone.feature_info.channels()[-1]
     channels_last_output = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
 
-    class BoneAgeModel(nn.Module):
+    class SideInputModel(nn.Module):
         def __init__(self):
             super().__init__()
             self.backbone = backbone
+            self.features = nn.Identity()
             self.pool = build_gem()
-            self.sex_embedding = nn.Embedding(2, sex_dim)
-            self.head = nn.Sequential(nn.Linear(channels + sex_dim, 256), nn.GELU(),
+            if side == "sex":
+                self.sex_embedding = nn.Embedding(2, side_dim)
+            else:
+                self.age_embedding = nn.Sequential(nn.Linear(1, side_dim), nn.GELU())
+            self.head = nn.Sequential(nn.Linear(channels + side_dim, 256), nn.GELU(),
                                       nn.Dropout(0.1), nn.Linear(256, 1))
-            self.max_months = max_months
-            if init_months is not None:
-                fraction = min(max(init_months / max_months, 0.01), 0.99)
+            self.side_input, self.max_output = side, max_output
+            if max_output is not None and init_output is not None:
+                fraction = min(max(init_output / max_output, 0.01), 0.99)
                 nn.init.constant_(self.head[-1].bias, math.log(fraction / (1 - fraction)))
 
-        def forward(self, images, male):
+        def forward(self, images, side_values):
             features = self.backbone(images)[-1]
             if channels_last_output:
                 features = features.permute(0, 3, 1, 2)
-            pooled = self.pool(features)
-            joined = torch.cat([pooled, self.sex_embedding(male.long())], dim=1)
-            return torch.sigmoid(self.head(joined).squeeze(1).float()) * self.max_months
+            pooled = self.pool(self.features(features))
+            if side == "sex":
+                embedded = self.sex_embedding(side_values.long())
+            else:
+                embedded = self.age_embedding(side_values.float().unsqueeze(1) / AGE_SCALE_YEARS)
+            logit = self.head(torch.cat([pooled, embedded.to(pooled.dtype)], dim=1)).squeeze(1).float()
+            return logit if max_output is None else torch.sigmoid(logit) * max_output
 
-    model = BoneAgeModel()
+    model = SideInputModel()
     model.arch = arch
     return model
 
@@ -1136,13 +1162,16 @@ def load_checkpoint(path: Path) -> dict:
 def load_trained_model(path: Path, device="cpu"):
     """Rebuild a model saved by 03/04/05 from its best.pt and return (model in eval mode, checkpoint).
 
-    The checkpoint says what it is: kind 'classifier' (arch, num_classes) or 'boneage'
-    (arch, max_months); weights are the unwrapped model's state_dict.
+    The checkpoint says what it is: kind 'classifier' (arch, num_classes; side_input 'age' for
+    04's age-conditioned model) or 'boneage' (arch, max_months); weights are the unwrapped
+    model's state_dict.
     """
     checkpoint = load_checkpoint(path)
     if checkpoint.get("kind") == "boneage":
         model = build_boneage_model(checkpoint["arch"], max_months=checkpoint["max_months"],
                                     image_size=checkpoint.get("image_size"))
+    elif checkpoint.get("side_input") == "age":
+        model = build_side_input_model(checkpoint["arch"], "age", image_size=checkpoint.get("image_size"))
     else:
         model = create_model(checkpoint["arch"], num_classes=checkpoint["num_classes"],
                              image_size=checkpoint.get("image_size"))
@@ -2278,14 +2307,16 @@ def fracture_models(fracture_dir: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
-def deployed_grad_cam(models: list, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+def deployed_grad_cam(models: list, squares: np.ndarray, device, ages=None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM++ of a group's deployed models ((model, checkpoint) pairs, 1 or 2 of them), the
-    maps and probabilities averaged as 04 averages a deployed mean's probabilities."""
-    maps = [grad_cam_plus_plus(model, squares, device) for model, _ in models]
+    maps and probabilities averaged as 04 averages a deployed mean's probabilities. `ages` (years,
+    one per image) feed an age-conditioned model, as they fed its probabilities."""
+    maps = [grad_cam_plus_plus(model, squares, device, ages if getattr(model, "side_input", None) else None)
+            for model, _ in models]
     return np.mean([cams for cams, _ in maps], axis=0), np.mean([probs for _, probs in maps], axis=0)
 
 
-def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+def grad_cam_plus_plus(model, squares: np.ndarray, device, side_values=None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM++ maps of the fracture logit, [B, S, S] in [0, 1], and the fracture probabilities.
 
     `squares` are uint8 [B, S, S] from preprocess_image. The model has ONE logit; the
@@ -2294,7 +2325,8 @@ def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, 
     evidence the model found, a false positive what misled it. (ClassifierOutputTarget(0) picks the
     same logit; ClassifierOutputTarget(1) would index past the single output, and the default
     argmax target is meaningless for one logit.) fp32 without autocast: Grad-CAM++ weights use
-    gradients cubed, which underflow in bf16.
+    gradients cubed, which underflow in bf16. `side_values`: the second input of a side-input
+    model (04's age-conditioned one), held fixed while Grad-CAM calls the model on images alone.
     """
     import torch
     from pytorch_grad_cam import GradCAMPlusPlus
@@ -2302,7 +2334,8 @@ def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, 
     model = model.float().eval()
     images = prepare_images(torch.from_numpy(np.ascontiguousarray(squares)).unsqueeze(1),
                                    device, train=False, channels_last=False)
-    cam = GradCAMPlusPlus(model, target_layers_for(model), reshape_transform=reshape_transform_for(model))
+    explained = model if side_values is None else _with_side_input(model, side_values, device)
+    cam = GradCAMPlusPlus(explained, target_layers_for(model), reshape_transform=reshape_transform_for(model))
     try:
         # Not `with cam:` -- its __exit__ swallows IndexError and would hide a wrong target layer.
         with torch.enable_grad(), torch.autocast(device.type, enabled=False), \
@@ -2313,6 +2346,22 @@ def grad_cam_plus_plus(model, squares: np.ndarray, device) -> tuple[np.ndarray, 
         cam.activations_and_grads.release()
         model.zero_grad(set_to_none=True)
     return maps.astype(np.float32), torch.sigmoid(logits).cpu().numpy()
+
+
+def _with_side_input(model, side_values, device):
+    """`model` as a function of the images alone, its side input fixed to `side_values`."""
+    torch, nn, _ = _torch_modules()
+    values = torch.as_tensor(np.asarray(side_values, dtype=np.float32), device=device)
+
+    class WithSideInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            return self.model(images, values).unsqueeze(1)  # [B, 1], as a one-logit classifier
+
+    return WithSideInput()
 
 
 @contextlib.contextmanager
@@ -2357,7 +2406,10 @@ def target_layers_for(model) -> list:
     Swin (v1 and v2): `layers[-1]`, whose output is channels-LAST (B, H, W, C): it needs
     `reshape_transform_for(model)`, or the CAM would weigh rows of the map as if they were channels.
     ResNet family (the demo's resnet10t): `layer4[-1]`, the last residual block.
+    A side-input model (build_side_input_model): its `features`, the last map, channels first.
     """
+    if hasattr(model, "side_input"):
+        return [model.features]
     family = _family(model)
     if family == "convnext":
         return [model.stages[-1]]
@@ -2368,7 +2420,7 @@ def target_layers_for(model) -> list:
 
 def reshape_transform_for(model):
     """None for channels-first families; `to_channels_first` for Swin's channels-last stages."""
-    return to_channels_first if _family(model) == "swin" else None
+    return to_channels_first if not hasattr(model, "side_input") and _family(model) == "swin" else None
 
 
 def _family(model) -> str:

@@ -46,8 +46,8 @@ def _assert_partitioned(audit: dict, world_size: int, shares: list[int]) -> None
 def test_04_two_ranks_pooled_start_uneven_batch_crash_restart_and_resume(split_out, tmp_path):
     """ONE torchrun launch, 2 gloo ranks, the demo architecture and its pooled start: an odd global
     batch (15 = 8 + 7) stays exact, rank 0 crashes after the pooled model's epoch 1, torchrun
-    restarts both workers, they resume it from last.pt, and group 2 is then fine-tuned from the
-    pooled best.pt on both ranks; checked from what rank 0 wrote."""
+    restarts both workers, they resume it from last.pt, the age-conditioned model trains, and
+    group 2 is then fine-tuned from the pooled best.pt on both ranks; checked from what rank 0 wrote."""
     out, flags = split_out
     run_out = _copy_splits(out, tmp_path / "ddp04")
     launch = _torchrun("04_train_fracture_ddp.py", [
@@ -58,10 +58,12 @@ def test_04_two_ranks_pooled_start_uneven_batch_crash_restart_and_resume(split_o
     logs = launch.stdout + launch.stderr
     assert launch.returncode == 0, logs[-4000:]
     pooled_dir, folder = run_out / "fracture" / "Lat" / "pooled", run_out / "fracture" / "Lat" / "group2"
+    conditioned_dir = run_out / "fracture" / "Lat" / "conditioned"  # the age as a second input, on 2 ranks too
     assert logs.count("exits on purpose") == 1, logs[-4000:]  # the pooled model only
     assert f"resuming {pooled_dir} from last.pt after epoch 1" in logs
     train = common.read_split(run_out, "wrist", "train").query("projection_name == 'Lat'")
-    for run_dir, n_train in ((pooled_dir, len(train)), (folder, int((train["age_group"] == 2).sum()))):
+    for run_dir, n_train in ((pooled_dir, len(train)), (conditioned_dir, len(train)),
+                             (folder, int((train["age_group"] == 2).sum()))):
         history = pd.read_csv(run_dir / "history.csv")
         assert history["epoch"].tolist() == [1, 2, 3], run_dir
         assert history["samples_seen"].tolist() == [(n_train // 15) * 15 * k for k in (1, 2, 3)], run_dir
@@ -70,9 +72,11 @@ def test_04_two_ranks_pooled_start_uneven_batch_crash_restart_and_resume(split_o
     group = torch.load(folder / "last.pt", weights_only=True)
     assert group["meta"]["init"] == f"pooled:{fracture_stage.weights_fingerprint(pooled['state_dict'])}"
     assert torch.load(folder / "best.pt", weights_only=True)["threshold"] is not None
-    assert json.loads((folder / "deployed.json").read_text())["arm"] in {"pooled", "from_pooled", "mean"}
+    assert json.loads((folder / "deployed.json").read_text())["arm"] in {"pooled", "conditioned", "from_pooled", "mean"}
+    assert torch.load(conditioned_dir / "best.pt", weights_only=True)["side_input"] == "age"
     assert (run_out / "fracture" / "summary.csv").is_file()  # rank 0 finished after the restart
-    assert set(pd.read_csv(run_out / "fracture" / "ablation.csv")["arm"]) == {"pooled", "from_pooled", "mean", "deployed"}
+    assert set(pd.read_csv(run_out / "fracture" / "ablation.csv")["arm"]) == {"pooled", "conditioned", "from_pooled",
+                                                                              "mean", "deployed"}
 
 
 def test_03_two_ranks_swin_crash_restart_and_resume(split_out, tmp_path):

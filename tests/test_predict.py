@@ -23,7 +23,7 @@ SIZE = 32
 THRESHOLDS = {("AP", 1): 0.5, ("Lat", 1): 0.45, ("AP", 2): 0.55, ("Lat", 2): 0.5}
 IMAGE_COLUMNS = ["level", "input_path", "study_id", "laterality", "projection", "projection_source", "age_group",
                  "age_group_name", "age_group_source", "fracture_prob", "raw_prob", "fracture_pred", "threshold",
-                 "model", "n_images"]
+                 "model", "model_age", "n_images"]
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
     expected_scopes = {f"AP_group{g}" for g in trained["age_group"].astype(int)} | {"cascade_true"}
     assert set(ablation["scope"]) == expected_scopes
     for scope, rows in ablation.groupby("scope"):
-        assert sorted(rows["arm"]) == ["deployed", "from_pooled", "mean", "pooled", "scratch"], scope
+        assert sorted(rows["arm"]) == ["conditioned", "deployed", "from_pooled", "mean", "pooled", "scratch"], scope
         assert rows["n"].nunique() == 1 and rows["n"].iloc[0] > 0  # the same test images for every arm
     scored = ablation.dropna(subset=["auc_lo"])
     assert ((scored["auc_lo"] <= scored["auc"]) & (scored["auc"] <= scored["auc_hi"])).all()
@@ -156,7 +156,7 @@ def test_group_models_start_from_the_pooled_weights_and_ablation_has_every_arm(s
     # the demo's answer key splits every arm's AUC into subtle and obvious fractures
     kinds = _load_script("subtle_vs_obvious").main(["--out", str(run_out), "--demo", str(small_demo),
                                                     "--bootstrap", "50"])
-    assert set(kinds["arm"]) == {"pooled", "scratch", "from_pooled", "mean", "deployed"}
+    assert set(kinds["arm"]) == {"pooled", "conditioned", "scratch", "from_pooled", "mean", "deployed"}
     assert set(kinds["kind"]) == {"subtle", "obvious", "all"}
     every = kinds[kinds["kind"] == "all"].set_index(["arm", "scope"])
     for kind in ("subtle", "obvious"):

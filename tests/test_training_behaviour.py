@@ -168,7 +168,8 @@ def test_fracture_stage_thresholds_and_saves_the_best_epoch(demo_splits, tmp_pat
 
     monkeypatch.setattr(common, "fit", fit_with_script)
     stage = load_stage("04_train_fracture_ddp")
-    stage.main(["--out", str(out), "--preset", "demo", "--device", "cpu", "--init", "scratch", "--image-size", str(SIZE),
+    stage.main(["--out", str(out), "--preset", "demo", "--device", "cpu", "--init", "scratch", "--no-conditioned",
+                "--image-size", str(SIZE),
                 "--batch-size", "16", "--projections", "AP", "--groups", "2", "--epochs", "4",
                 "--patience", "10", "--min-epoch-samples", "0", "--bootstrap", "20"])
     folder = out / "fracture" / "AP" / "group2"
@@ -331,8 +332,8 @@ def test_an_edit_to_code_that_lives_in_04_retrains_04(tmp_path, monkeypatch):
     before = fingerprints()
     assert fingerprints() == before
     source = (tmp_path / stage.script).read_text()
-    edited = source.replace("def write_ablation(out_dir, test, arm_probs, args) -> None:\n",
-                            "def write_ablation(out_dir, test, arm_probs, args) -> None:\n    args = args\n")
+    signature = "def write_ablation(out_dir, test, arm_probs, args, expected_age_probs: dict | None = None) -> None:\n"
+    edited = source.replace(signature, signature + "    args = args\n")
     assert edited != source
     (tmp_path / stage.script).write_text(edited)
     after = fingerprints()
