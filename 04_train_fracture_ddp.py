@@ -8,19 +8,27 @@ Pooled start, per-group finish (--init pooled, default): per projection, a model
 age groups first (evaluated like a group model), then each group model fine-tuned from it at
 --finetune-lr for up to --finetune-epochs: the youngest groups' few dozen images are too few to
 learn a thin cortical line from nothing. --init scratch | FILE (e.g. an earlier pooled/best.pt).
-Each group then deploys what wins on its own validation images: the pooled model, its own model,
-or the mean of the two models' probabilities (a group with < 5 validation images of a class: the
-pooled model). --ablation also trains the other arm into OUT/fracture/ablation/<arm>/: ablation.csv
-compares every arm (pooled, scratch, from_pooled, mean, deployed) on the same test images.
+Age-conditioned (--conditioned, default on): per projection one more model of all ages that takes
+the age as an input, as 05 takes sex (common.build_side_input_model), trained and scored on the
+true age; where no age is known (cascade_pred, 07 without an age) it gets the router's expected
+age, the sum over groups of 03's probability x the group's mean training age (in its best.pt).
+Each group then deploys what wins on its own validation images: the pooled model, the conditioned
+one, its own model, or the mean of the pooled and own models' probabilities (a group with < 5
+validation images of a class, or whose own model was skipped: the pooled model, else the
+conditioned one). --ablation also trains the other arm into OUT/fracture/ablation/<arm>/:
+ablation.csv compares every arm (pooled, conditioned, scratch, from_pooled, mean, deployed) on the
+same test images.
 
 Reads   OUT/splits/wrist_{train,val,test}.csv, age_groups.json (01/02);
         OUT/age/predictions.csv (03) with --route pred and for the predicted-group cascade
 Writes  OUT/fracture/{AP,Lat}/group{g}/  best.pt (val-chosen thresholds and calibration map),
         last.pt (resumable), history.csv, metrics.json, roc.png, pr.png, curves.png, confusion.png
         OUT/fracture/{AP,Lat}/pooled/    the same for the all-ages model (with --init pooled)
+        OUT/fracture/{AP,Lat}/conditioned/  the same for the age-conditioned model
         OUT/fracture/{AP,Lat}/group{g}/deployed.json  what 06 and 07 deploy for the group, chosen
-                                          on its validation images: the pooled model, its own
-                                          model or their mean; model files, threshold, map
+                                          on its validation images: the pooled or conditioned
+                                          model, its own model or the mean of pooled and own;
+                                          model files, threshold, map
         OUT/fracture/summary.csv          one row per model (or its skip reason) + cascade rows
         OUT/fracture/operating_points.csv each model, cascade_true/pred and study_pred at the rules
                                           youden, sens90, sens95, with 95% CIs; test_studies.csv
