@@ -1081,6 +1081,8 @@ class DicomResults:
                                f"decision: fracture when the model output >= {threshold:.4f} (chosen by {rule}); "
                                "the calibrated threshold gives the same decision",
                                f"calibration: {deployed.get('calibration_source') or 'own'}, fitted on validation"]
+                if arm == "conditioned":
+                    parameters.append("age input: the patient's age, or without one the age router's expected age")
             self.algorithms[relative] = {"arch": "+".join(dict.fromkeys(arches)), "parameters": parameters}
         return self.algorithms[relative]
 

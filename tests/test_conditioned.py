@@ -45,6 +45,20 @@ def test_the_conditioned_model_takes_the_age_reloads_and_explains_at_that_age(tm
     assert np.allclose(probs, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch, size", [("resnet10t", 32), ("test_convnext", 32), ("test_convnextv2", 32),
+                                        ("test_swin", 64)])
+def test_every_family_builds_a_conditioned_model_ddp_and_grad_cam_can_use(arch, size):
+    """Every family 04 offers: each parameter gets a gradient (else DDP's 'Expected to have
+    finished reduction'), and Grad-CAM++ finds its last feature map (Swin's NHWC made NCHW)."""
+    torch.manual_seed(0)
+    model = common.build_side_input_model(arch, "age", image_size=size)
+    model(torch.randn(4, 1, size, size), torch.tensor([1.0, 5.0, 9.0, 14.0])).sum().backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    squares = np.random.default_rng(0).integers(0, 255, (2, size, size)).astype(np.uint8)
+    cams, probs = common.grad_cam_plus_plus(model, squares, torch.device("cpu"), [3.0, 12.0])
+    assert cams.shape == (2, size, size) and np.isfinite(cams).all() and ((0 < probs) & (probs < 1)).all()
+
+
 def test_the_conditioned_model_learns_what_only_the_age_tells(tmp_path):
     """Labels that only the age predicts (age >= 10), on images that carry no label: trained
     through 04's forward, the model must reach a high validation AUC. A forward that drops the
