@@ -926,28 +926,29 @@ ABLATION_ARMS = ("pooled", "conditioned", "scratch", "from_pooled", "from_file",
 def write_ablation(out_dir, test, arm_probs, args, expected_age_probs: dict | None = None) -> None:
     """Each arm's test AUC (patient-bootstrap 95% CI) on the same images: per group, then cascaded.
 
-    Group scope: the test images routed to that group. Cascade: every image goes to the model of
-    its predicted age group (03), or its --route group without 03; the pooled and conditioned arms
-    score every image with their projection's one model. The conditioned model is given the true
-    age, except in cascade_pred, which knows no age: there it gets the router's expected age
-    (`expected_age_probs`, also for a group that deploys it). Images some arm has no model for are
-    left out of all.
+    Group scope: the test images routed to that group (--route). cascade_true: every image goes to
+    its true age group's model; cascade_pred (with 03's predictions): to its predicted group's. The
+    pooled and conditioned arms score every image with their projection's one model. The
+    conditioned model is given the true age, except in cascade_pred, which knows no age: there it
+    gets the router's expected age (`expected_age_probs`, also where a group deploys it), as 07
+    does for an image without an age. Images some arm has no model for are left out of all.
     """
-    routed = "age_group_pred" if test["age_group_pred"].notna().all() else "route_group"
-    cascade = "cascade_pred" if routed == "age_group_pred" else f"cascade_{args.route}"
-    table = test[["filestem", "patient_id", "projection_name", "route_group", routed, "label"]]
+    table = test[["filestem", "patient_id", "projection_name", "route_group", "age_group", "age_group_pred", "label"]]
     table = table.loc[:, ~table.columns.duplicated()].copy()
+    routes = {"group": "route_group", "cascade_true": "age_group"}
+    if test["age_group_pred"].notna().any():
+        routes["cascade_pred"] = "age_group_pred"
     for arm, models in arm_probs.items():
-        for column, route in (("group", "route_group"), ("cascade", routed)):
-            if column == "cascade" and cascade == "cascade_pred":
-                models = {**models, **(expected_age_probs or {}).get(arm, {})}
+        for column, route in routes.items():
+            chosen = {**models, **(expected_age_probs or {}).get(arm, {})} if column == "cascade_pred" else models
             table[f"{arm}_{column}"] = [
-                models[(p, int(g))].get(f, np.nan) if (p, g) in models else np.nan
+                chosen[(p, int(g))].get(f, np.nan) if (p, g) in chosen else np.nan
                 for f, p, g in zip(table["filestem"], table["projection_name"], table[route].fillna(-1).astype(int))]
     arms = [a for a in ABLATION_ARMS if a in arm_probs]
     scopes = [(f"{p}_group{g}", (table["projection_name"] == p) & (table["route_group"] == g), "group")
               for p, g in sorted({key for models in arm_probs.values() for key in models})]
-    scopes.append((cascade, table["projection_name"].isin(args.projections), "cascade"))
+    scopes += [(cascade, table["projection_name"].isin(args.projections), cascade) for cascade in routes
+               if cascade != "group"]
     rows = []
     for scope, mask, column in scopes:
         scored = table[mask].dropna(subset=[f"{arm}_{column}" for arm in arms])

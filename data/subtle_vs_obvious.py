@@ -75,7 +75,8 @@ def _arm_columns(fracture_dir: Path) -> dict:
     ablation = fracture_dir / "ablation_predictions.csv"
     if ablation.is_file():
         table = pd.read_csv(ablation, dtype={"filestem": str})
-        arms = {c[:-len("_group")]: (c, "route_group") for c in table if c.endswith("_group") and c != "route_group"}
+        arms = {c[:-len("_group")]: (c, "route_group") for c in table  # an arm has a group and a cascade column
+                if c.endswith("_group") and f"{c[:-len('_group')]}_cascade_true" in table}
         return {"table": table, "arms": arms}
     path = fracture_dir / "test_predictions.csv"
     if not path.is_file():

@@ -113,9 +113,11 @@ def test_04_scores_the_conditioned_model_with_the_true_age_and_cascade_pred_with
     assert checkpoint["side_input"] == "age"
     assert checkpoint["group_mean_age"] == pytest.approx(means.reindex(range(len(means))).tolist())
     table = pd.read_csv(out / "fracture" / "ablation_predictions.csv", dtype={"filestem": str})
-    assert {"conditioned_group", "conditioned_cascade"} <= set(table.columns)
+    assert {"conditioned_group", "conditioned_cascade_pred"} <= set(table.columns)
     ablation = pd.read_csv(out / "fracture" / "ablation.csv")
-    assert {"conditioned", "deployed"} <= set(ablation.loc[ablation["scope"] == "cascade_pred", "arm"])
+    for cascade in ("cascade_true", "cascade_pred"):  # both routes, every arm on the same images
+        rows = ablation[ablation["scope"] == cascade]
+        assert {"pooled", "conditioned", "from_pooled", "mean", "deployed"} <= set(rows["arm"]) and rows["n"].nunique() == 1
     routed = pd.read_csv(out / "age" / "predictions.csv", dtype={"filestem": str}).set_index("filestem")
     test = common.read_split(out, "wrist", "test").set_index("filestem")
     chosen = table[(table["projection_name"] == "AP")].dropna(subset=["conditioned_group"]).head(12)["filestem"]
@@ -130,7 +132,8 @@ def test_04_scores_the_conditioned_model_with_the_true_age_and_cascade_pred_with
         at_expected = torch.sigmoid(model(images, torch.tensor(expected_age, dtype=torch.float32))).numpy()
     by_stem = table.set_index("filestem").loc[chosen]
     assert np.allclose(by_stem["conditioned_group"], at_true, atol=1e-5)
-    assert np.allclose(by_stem["conditioned_cascade"], at_expected, atol=1e-5)
+    assert np.allclose(by_stem["conditioned_cascade_pred"], at_expected, atol=1e-5)
+    assert np.allclose(by_stem["conditioned_cascade_true"], at_true, atol=1e-5)
     assert not np.allclose(at_true, at_expected, atol=1e-6)  # the two ages differ, and so do the inputs
 
 
@@ -151,7 +154,7 @@ def test_07_gives_a_deployed_conditioned_model_the_given_age_or_the_routers_expe
     flags = ["--models", str(out), "--device", "cpu"]
     expected = pd.read_csv(out / "fracture" / "ablation_predictions.csv", dtype={"filestem": str}).set_index("filestem")
     stems = dict(zip(test["image_path"].astype(str), test["filestem"]))
-    for with_age, column, source in ((False, "conditioned_cascade", "predicted"), (True, "conditioned_group", "given")):
+    for with_age, column, source in ((False, "conditioned_cascade_pred", "predicted"), (True, "conditioned_group", "given")):
         given = worklist.assign(age=test["age"]) if with_age else worklist
         given.to_csv(tmp_path / "worklist.csv", index=False)
         table = predict.main([str(tmp_path / "worklist.csv"), "--out", str(tmp_path / column), "--cam", *flags])
