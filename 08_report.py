@@ -166,21 +166,27 @@ def _report_fracture(out: Path) -> list[str]:
     pictures = [f"![{r.projection} group {int(r.age_group)} ROC](fracture/{r.projection}/group{int(r.age_group)}/roc.png) "
                 f"![PR](fracture/{r.projection}/group{int(r.age_group)}/pr.png) "
                 f"![curves](fracture/{r.projection}/group{int(r.age_group)}/curves.png)" for r in trained.itertuples()]
-    deployed = [f"- {r['projection']} group {int(r['age_group'])}: **{r['deployed']}** ({r['deployed_reason']}; "
-                "validation AUC " + ", ".join(f"{c.removeprefix('val_auc_')} {fmt(r[c])}" for c in summary
-                                              if c.startswith("val_auc_") and pd.notna(r[c])) + ")"
+    deployed = [f"- {r['projection']} group {int(r['age_group'])}: **{r['deployed']}** ({r['deployed_reason']}"
+                + _validation_aucs(r, summary) + ")"
                 for r in summary[summary["kind"] == "model"].to_dict("records") if pd.notna(r.get("deployed"))]
     return lines + ["", "The rows above are each group's own model. What 06 and 07 deploy for a group was "
                     "chosen on its validation images: the pooled model, the age-conditioned model (the "
                     "age as an input: the true age, or the router's expected age where no age is known), "
                     "the group's own model or the mean of the pooled and own models, by validation AUC; "
-                    "a group with fewer than 5 validation images of a class takes the pooled model.", "",
+                    "a group with fewer than 5 validation images of a class, or whose own model was "
+                    "skipped, takes the pooled model.", "",
                     *deployed, "",
                     "Cascade rows route every test image to its true (or 03-predicted) age group's "
                     "deployed model and pool the calibrated probabilities (each model's raw scale "
                     "differs); the study row scores a study (patient, study, laterality) by its most "
                     "suspicious image. Per-image probabilities: `fracture/test_predictions.csv`.", "",
                     *pictures, ""]
+
+
+def _validation_aucs(row: dict, summary: pd.DataFrame) -> str:
+    """'; validation AUC pooled 0.830, ...' of a group's candidates; '' when validation could not rank them."""
+    aucs = [f"{c.removeprefix('val_auc_')} {fmt(row[c])}" for c in summary if c.startswith("val_auc_") and pd.notna(row[c])]
+    return "; validation AUC " + ", ".join(aucs) if aucs else ""
 
 
 def _report_operating_points(out: Path) -> list[str]:

@@ -184,6 +184,8 @@ def test_a_group_whose_own_model_was_skipped_deploys_the_pooled_model(trained_ru
         assert record["arm"] == "pooled" and record["models"] == [f"{row.projection}/pooled/best.pt"]
         assert record["reason"].startswith("own model skipped")
         assert row.deployed == "pooled"
+        assert f"- {row.projection} group {int(row.age_group)}: **pooled** (own model skipped" in \
+            (out / "REPORT.md").read_text()
     row = skipped.iloc[0]
     test = common.read_split(out, "wrist", "test")
     members = test[(test["projection_name"] == row["projection"]) & (test["age_group"] == row["age_group"])]
