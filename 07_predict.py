@@ -528,9 +528,9 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
                                                 args.batch_size, f"{projection} group {group}",
                                                 skip_image):
             ages = _model_ages(images, indices, models)
-            probs = np.mean([torch.sigmoid(_infer(model, squares, device, *_side_input(checkpoint, ages))
+            probs = np.mean([torch.sigmoid(_infer(model, squares, device, *_side_input(model, ages))
                                            .reshape(len(indices), -1)[:, 0]).numpy()
-                             for model, checkpoint in models], axis=0).astype(float)
+                             for model, _ in models], axis=0).astype(float)
             images.loc[indices, "model_age"] = None if ages is None else ages.round(2)
             images.loc[indices, "fracture_prob"] = common.apply_calibration(probs, calibration)
             images.loc[indices, "raw_prob"] = probs
@@ -553,7 +553,6 @@ def predict_fractures(images: pd.DataFrame, fracture_models: dict, edges, args, 
         del models
 
 
-
 def _model_ages(images: pd.DataFrame, indices, models: list) -> np.ndarray | None:
     """The age in years an age-conditioned model (04) is given: the image's own age when known,
     else the router's expected age, its probability of each group x the group's mean training
@@ -566,10 +565,10 @@ def _model_ages(images: pd.DataFrame, indices, models: list) -> np.ndarray | Non
                      else float(np.dot(images.at[i, "age_group_probs"], means)) for i in indices], dtype=float)
 
 
-def _side_input(checkpoint: dict, ages) -> tuple:
+def _side_input(model, ages) -> tuple:
     """The second input of an age-conditioned model (the ages as a tensor); nothing for the others."""
     import torch
-    return (torch.as_tensor(ages, dtype=torch.float32),) if checkpoint.get("side_input") == "age" else ()
+    return (torch.as_tensor(ages, dtype=torch.float32),) if getattr(model, "side_input", None) == "age" else ()
 
 
 def _missing_model_detail(models: Path, projection: str, group: int, edges) -> str:
