@@ -1221,7 +1221,7 @@ def store_results(results: DicomResults, target: tuple[str, int, str], calling_a
     """C-STORE every file this run wrote, over one association; DIR/store_report.csv says per file
     what was stored. Whatever fails, the files stay in DIR for the next try."""
     from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
     from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
     host, port, called = target
     where, kept = f"{host}:{port}:{called}", f"the files stay in {results.hide(results.folder)}"
@@ -1232,10 +1232,15 @@ def store_results(results: DicomResults, target: tuple[str, int, str], calling_a
     for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
         entity.add_requested_context(sop_class, ExplicitVRLittleEndian)
     entity.acse_timeout = entity.dimse_timeout = entity.network_timeout = STORE_TIMEOUT_S
-    association = entity.associate(host, port, ae_title=called)
+    # pynetdicom reports a refused TCP connection and a server that hangs up on the request (as a
+    # busy Orthanc refusing an AE title sometimes does, before its A-ASSOCIATE-RJ is read) alike,
+    # as an abort: whether the connection opened tells the two apart.
+    connected = []
+    association = entity.associate(host, port, ae_title=called,
+                                   evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
     if not association.is_established:
-        problem = (f"the server rejected the association (does it know the calling AE title {calling_aet}?)"
-                   if association.is_rejected else "no DICOM server answered there")
+        problem = (f"the server refused the association (does it know the calling AE title {calling_aet}?)"
+                   if connected else "no DICOM server answered there")
         raise common.InputError(f"--store {where}: {problem}; nothing was sent, {kept}")
     rows = []
     try:

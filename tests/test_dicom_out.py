@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -314,7 +315,7 @@ def test_store_into_a_real_orthanc(predict, pacs_models, orthanc, tmp_path, caps
         assert modalities.count("SR") == modalities.count("OT") == 1
 
     # A calling AE title Orthanc does not know: a refused association, one line, files kept.
-    with pytest.raises(common.InputError, match="rejected the association") as refused:
+    with pytest.raises(common.InputError, match="refused the association") as refused:
         predict.main([str(tmp_path / "worklist"), "--models", str(pacs_models), "--out", str(tmp_path / "out2"),
                       "--device", "cpu", *FLAGS, "--dicom-out", str(tmp_path / "pacs_out2"),
                       "--store", f"127.0.0.1:{orthanc.dicom}:ORTHANC", "--calling-aet", "STRANGER"])
@@ -342,6 +343,18 @@ def test_store_errors_are_one_line_and_keep_the_files(predict, pacs_models, tmp_
     port, dicom_out = _free_port(), tmp_path / "pacs_out"
     with pytest.raises(common.InputError, match=rf"--store 127.0.0.1:{port}:PACS: no DICOM server answered") as error:
         predict.main([*base, "--dicom-out", str(dicom_out), "--store", f"127.0.0.1:{port}:PACS"])
+    assert "\n" not in str(error.value) and "the files stay in" in str(error.value)
+
+    # A server that answers and hangs up before any A-ASSOCIATE-AC, as a busy Orthanc refusing an
+    # unknown AE title sometimes does: a refusal, not "no server".
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        hang_up = threading.Thread(target=lambda: server.accept()[0].close(), daemon=True)
+        hang_up.start()
+        with pytest.raises(common.InputError, match="refused the association") as error:
+            predict.main([*base, "--dicom-out", str(dicom_out), "--store", f"127.0.0.1:{server.getsockname()[1]}:PACS"])
+        hang_up.join(timeout=10)
     assert "\n" not in str(error.value) and "the files stay in" in str(error.value)
     assert sorted(path.name for path in dicom_out.glob("*.dcm")) == ["00000_sc.dcm", "00000_sr.dcm",
                                                                        "study_000_sr.dcm"]
